@@ -1,0 +1,186 @@
+"""Run configuration: dataclasses loaded from YAML, with unknown keys and wrong types rejected by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memsafe.errors import MemsafeError
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:digits"  # "builtin:digits" or a folder of images (diffusers convention)
+    resolution: int = 16
+    channels: int = 1
+    max_train_images: int | None = None  # random subset of this size (seeded), the rest may be held out
+    holdout_images: int = 0  # real images kept out of training, the FID reference
+    center_crop: bool = True
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str | None = None  # a local diffusers directory (model_index.json + unet/, or a UNet folder)
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    layers_per_block: int = 1
+    attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
+    norm_num_groups: int = 8
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "linear"
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema: bool = False
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # "no", "fp16", "bf16" (accelerate)
+    checkpoint_every: int = 500
+    checkpoints_total_limit: int = 2
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 256
+    sampling_steps: int = 50  # DDIM steps
+    batch_size: int = 128
+    use_ema: bool = True  # evaluate the EMA weights when the run kept them
+    memorization_threshold: float = 1 / 3  # NN1/NN2 distance ratio below which a sample is a copy
+    copy_threshold: float = 0.5  # cosine similarity above which a sample is a copy
+    features: str = "domain"  # "domain" (trained by memsafe on the data) or a path to a TorchScript file
+    inception_weights: str | None = None  # FID with Inception-v3 when these weights are on disk
+    grid_size: int = 16
+    seed: int = 1234
+
+
+@dataclass
+class DefenseConfig:
+    name: str = "none"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    output_dir: str = "runs/default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise MemsafeError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = f"{where}.{key}" if where else key
+        if key not in known:
+            raise MemsafeError(f"unknown config key '{name}' (known: {', '.join(sorted(known))})")
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value or {}, name)
+        elif not _type_ok(value, annotation):
+            expected = getattr(annotation, "__name__", str(annotation))
+            raise MemsafeError(f"config key '{name}' must be {expected}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if annotation is float else value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict[str, Any]) -> RunConfig:
+    config = _build(RunConfig, values or {}, "")
+    validate(config)
+    return config
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise MemsafeError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise MemsafeError(f"config file {path} is not valid YAML: {exc}") from exc
+    return config_from_dict(values)
+
+
+def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """A new config with dotted-key overrides applied, e.g. {"train.max_steps": 10}."""
+    values = config.to_dict()
+    for dotted, value in overrides.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return config_from_dict(values)
+
+
+def validate(config: RunConfig) -> None:
+    data, model, train = config.data, config.model, config.train
+    levels = len(model.block_out_channels)
+    if levels < 1:
+        raise MemsafeError("model.block_out_channels must name at least one level")
+    if len(model.attention_levels) != levels:
+        raise MemsafeError(
+            f"model.attention_levels has {len(model.attention_levels)} entries but block_out_channels has {levels}"
+        )
+    factor = 2 ** (levels - 1)
+    if data.resolution < factor or data.resolution % factor:
+        raise MemsafeError(
+            f"data.resolution {data.resolution} cannot go through a UNet of {levels} levels: "
+            f"it must be a positive multiple of {factor}"
+        )
+    if any(c % model.norm_num_groups for c in model.block_out_channels):
+        raise MemsafeError(
+            f"model.block_out_channels {model.block_out_channels} must be multiples of norm_num_groups {model.norm_num_groups}"
+        )
+    if data.channels not in (1, 3):
+        raise MemsafeError(f"data.channels must be 1 or 3, got {data.channels}")
+    if train.mixed_precision not in ("no", "fp16", "bf16"):
+        raise MemsafeError(f"train.mixed_precision must be no, fp16 or bf16, got {train.mixed_precision!r}")
+    for key in ("max_steps", "batch_size", "checkpoint_every", "log_every"):
+        if getattr(train, key) <= 0:
+            raise MemsafeError(f"train.{key} must be positive, got {getattr(train, key)}")
+    if config.eval.num_samples <= 0:
+        raise MemsafeError(f"eval.num_samples must be positive, got {config.eval.num_samples}")

@@ -1,0 +1,30 @@
+"""Data: the built-in digits, image folders, and the train / held-out split."""
+
+from __future__ import annotations
+
+from memsafe.config import DataConfig
+from memsafe.data.digits import load_digits
+from memsafe.data.image_folder import load_image_folder
+from memsafe.data.images import ImageSet, split_holdout, to_model_range, to_uint8, to_unit_range
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_SETS = {"digits": load_digits}
+
+
+def load_images(config: DataConfig) -> ImageSet:
+    from memsafe.errors import MemsafeError
+
+    if config.source.startswith(BUILTIN_PREFIX):
+        name = config.source[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_SETS:
+            raise MemsafeError(f"unknown built-in dataset '{name}' (have: {', '.join(BUILTIN_SETS)})")
+        return BUILTIN_SETS[name](config.resolution, config.channels)
+    return load_image_folder(config.source, config.resolution, config.channels, config.center_crop)
+
+
+def load_dataset(config: DataConfig) -> tuple[ImageSet, ImageSet]:
+    """(training images, held-out images) as the config asks."""
+    return split_holdout(load_images(config), config.max_train_images, config.holdout_images, config.seed)
+
+
+__all__ = ["ImageSet", "load_dataset", "load_images", "to_model_range", "to_uint8", "to_unit_range"]

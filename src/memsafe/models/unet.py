@@ -1,0 +1,64 @@
+"""Denoising networks: a diffusers UNet built from the run config, or loaded from a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+from memsafe.config import DataConfig, ModelConfig
+from memsafe.errors import MemsafeError
+
+
+def build_unet(model: ModelConfig, data: DataConfig) -> UNet2DModel:
+    if model.pretrained:
+        return load_pretrained_unet(model.pretrained, data)
+    down, up = [], []
+    for with_attention in model.attention_levels:
+        down.append("AttnDownBlock2D" if with_attention else "DownBlock2D")
+        up.insert(0, "AttnUpBlock2D" if with_attention else "UpBlock2D")
+    return UNet2DModel(
+        sample_size=data.resolution,
+        in_channels=data.channels,
+        out_channels=data.channels,
+        block_out_channels=tuple(model.block_out_channels),
+        layers_per_block=model.layers_per_block,
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
+        norm_num_groups=model.norm_num_groups,
+        attention_head_dim=8,
+    )
+
+
+def _unet_folder(path: Path) -> Path:
+    """A pipeline directory keeps its UNet under unet/; a bare UNet directory is used as it is."""
+    return path / "unet" if (path / "model_index.json").exists() or (path / "unet").is_dir() else path
+
+
+def load_pretrained_unet(path: str | Path, data: DataConfig) -> UNet2DModel:
+    folder = _unet_folder(Path(path))
+    if not folder.is_dir():
+        raise MemsafeError(f"model.pretrained directory not found: {folder}")
+    for required in ("config.json",):
+        if not (folder / required).is_file():
+            raise MemsafeError(f"model.pretrained directory {folder} is missing {required}")
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise MemsafeError(f"model.pretrained directory {folder} has no weights file (*.safetensors)")
+    try:
+        unet = UNet2DModel.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        raise MemsafeError(f"cannot load UNet from {folder}: {exc}") from exc
+    if unet.config.in_channels != data.channels or unet.config.sample_size != data.resolution:
+        raise MemsafeError(
+            f"pretrained UNet at {folder} takes {unet.config.in_channels}x{unet.config.sample_size}px images, "
+            f"data gives {data.channels}x{data.resolution}px"
+        )
+    return unet
+
+
+def build_noise_scheduler(model: ModelConfig) -> DDPMScheduler:
+    if model.pretrained:
+        scheduler_dir = Path(model.pretrained) / "scheduler"
+        if scheduler_dir.is_dir():
+            return DDPMScheduler.from_pretrained(scheduler_dir, local_files_only=True)
+    return DDPMScheduler(num_train_timesteps=model.num_train_timesteps, beta_schedule=model.beta_schedule)

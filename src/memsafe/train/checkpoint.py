@@ -1,0 +1,143 @@
+"""Checkpoints: safetensors weights plus optimizer, schedule, RNG, data position and hook state.
+
+A checkpoint is written to a temporary folder and renamed into place, so a folder named
+`checkpoint-<step>` is always complete. Loading never unpickles code (safetensors, weights_only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from memsafe.errors import MemsafeError
+
+PREFIX = "checkpoint-"
+
+
+def _split_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Separate tensors (for safetensors) from JSON values, flattening nested dicts with dotted keys."""
+    tensors, values = {}, {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, torch.Tensor):
+            tensors[name] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            sub_tensors, sub_values = _split_state(value, f"{name}.")
+            tensors.update(sub_tensors)
+            values[key] = sub_values
+        else:
+            values[key] = value
+    return tensors, values
+
+
+def _join_state(tensors: dict[str, torch.Tensor], values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    state: dict[str, Any] = {}
+    for key, value in values.items():
+        state[key] = _join_state(tensors, value, f"{prefix}{key}.") if isinstance(value, dict) else value
+    for name, tensor in tensors.items():
+        if name.startswith(prefix) and "." not in name[len(prefix):]:
+            state[name[len(prefix):]] = tensor
+    return state
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def save_checkpoint(trainer, root: Path) -> Path:
+    """Write `root/checkpoint-<step>` atomically and prune to the configured number kept."""
+    accelerator = trainer.accelerator
+    final = root / f"{PREFIX}{trainer.step:08d}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".tmp-{final.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            save_file({k: v.contiguous() for k, v in trainer.unwrapped.state_dict().items()}, tmp / "model.safetensors")
+            if trainer.ema is not None:
+                ema_state = trainer.ema.state_dict()
+                shadow = {f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))}
+                save_file(shadow, tmp / "ema.safetensors")
+            else:
+                ema_state = None
+            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+            hook_tensors, hook_values = _split_state(trainer.hooks.state_dict())
+            save_file(hook_tensors or {"_empty": torch.zeros(0)}, tmp / "hooks.safetensors")
+            save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+            state = {
+                "step": trainer.step,
+                "batch_position": trainer.batch_position,
+                "lr_scheduler": trainer.lr_scheduler.state_dict(),
+                "ema": ema_state,
+                "hooks": hook_values,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, default=_json_default))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise MemsafeError(f"could not write checkpoint {final}: {exc}") from exc
+        _prune(root, trainer.config.train.checkpoints_total_limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if callable(value):
+        return None
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(trainer, path: Path) -> None:
+    """Restore everything `save_checkpoint` wrote, so training continues as if never stopped."""
+    required = ["model.safetensors", "optimizer.pt", "trainer_state.json", "rng.safetensors", "hooks.safetensors"]
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        raise MemsafeError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    state = json.loads((path / "trainer_state.json").read_text())
+    trainer.unwrapped.load_state_dict(load_file(path / "model.safetensors"))
+    trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if trainer.ema is not None:
+        if state["ema"] is None or not (path / "ema.safetensors").is_file():
+            raise MemsafeError(f"checkpoint {path} has no EMA weights but train.ema is on")
+        shadow = load_file(path / "ema.safetensors")
+        ema_state = dict(state["ema"])
+        ema_state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
+        trainer.ema.load_state_dict(ema_state)
+    hook_tensors = {k: v for k, v in load_file(path / "hooks.safetensors").items() if k != "_empty"}
+    trainer.hooks.load_state_dict(_join_state(hook_tensors, state["hooks"]))
+    torch.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
+    trainer.step = state["step"]
+    trainer.batch_position = state["batch_position"]

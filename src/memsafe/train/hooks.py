@@ -1,0 +1,103 @@
+"""The interface through which defenses join the training loop, which knows none of them by name.
+
+The loop calls, per optimizer step:
+    batch = on_batch_start(batch, trainer)          # e.g. per-sample augmentation
+    weights = on_losses(losses, batch, trainer)     # per-sample weights; 0 skips a sample
+    on_after_backward(model, trainer)               # e.g. project gradients
+    on_after_step(model, trainer)                   # e.g. project the optimizer's update
+and on_train_start / on_round_end around whole phases. Each hook can carry state through checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from memsafe.train.loop import Trainer
+
+
+class TrainHook:
+    name = "hook"
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_batch_start(self, batch: dict[str, Any], trainer: Trainer) -> dict[str, Any]:
+        return batch
+
+    def on_losses(self, losses: torch.Tensor, batch: dict[str, Any], trainer: Trainer) -> torch.Tensor | None:
+        """Per-sample weights for this batch (None keeps every sample at weight 1)."""
+        return None
+
+    def on_after_backward(self, model: torch.nn.Module, trainer: Trainer) -> None:
+        pass
+
+    def on_after_step(self, model: torch.nn.Module, trainer: Trainer) -> None:
+        pass
+
+    def on_round_end(self, trainer: Trainer, round_index: int) -> None:
+        pass
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and JSON-serialisable values; saved with every checkpoint."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class HookList(TrainHook):
+    """Runs several hooks in order; sample weights multiply."""
+
+    def __init__(self, hooks: list[TrainHook] | tuple[TrainHook, ...] = ()):
+        self.hooks = list(hooks)
+        names = [h.name for h in self.hooks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"hook names must be unique, got {names}")
+
+    def on_train_start(self, trainer):
+        for hook in self.hooks:
+            hook.on_train_start(trainer)
+
+    def on_batch_start(self, batch, trainer):
+        for hook in self.hooks:
+            batch = hook.on_batch_start(batch, trainer)
+        return batch
+
+    def on_losses(self, losses, batch, trainer):
+        weights = torch.ones_like(losses)
+        for hook in self.hooks:
+            hook_weights = hook.on_losses(losses, batch, trainer)
+            if hook_weights is not None:
+                weights = weights * hook_weights.to(weights)
+        return weights
+
+    def on_after_backward(self, model, trainer):
+        for hook in self.hooks:
+            hook.on_after_backward(model, trainer)
+
+    def on_after_step(self, model, trainer):
+        for hook in self.hooks:
+            hook.on_after_step(model, trainer)
+
+    def on_round_end(self, trainer, round_index):
+        for hook in self.hooks:
+            hook.on_round_end(trainer, round_index)
+
+    def log_values(self):
+        values = {}
+        for hook in self.hooks:
+            values.update({f"{hook.name}/{k}": v for k, v in hook.log_values().items()})
+        return values
+
+    def state_dict(self):
+        return {hook.name: hook.state_dict() for hook in self.hooks}
+
+    def load_state_dict(self, state):
+        for hook in self.hooks:
+            hook.load_state_dict(state.get(hook.name, {}))

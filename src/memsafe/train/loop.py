@@ -1,0 +1,178 @@
+"""The one training loop: DDPM on a diffusers UNet, with AdamW, optional EMA, accelerate and hooks."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from memsafe.config import RunConfig
+from memsafe.data.images import ImageSet
+from memsafe.errors import MemsafeError
+from memsafe.models.unet import build_noise_scheduler, build_unet
+from memsafe.train.hooks import HookList, TrainHook
+from memsafe.train.loss import per_sample_diffusion_loss, weighted_mean
+from memsafe.train.sampler import EpochBatches
+
+
+class Trainer:
+    """Owns the model, optimizer, EMA, data order and hooks of one training run."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        train_set: ImageSet,
+        hooks: list[TrainHook] | tuple[TrainHook, ...] = (),
+        accelerator: Accelerator | None = None,
+        unet: torch.nn.Module | None = None,
+    ):
+        train = config.train
+        self.config = config
+        self.train_set = train_set
+        self.accelerator = accelerator or Accelerator(mixed_precision=train.mixed_precision)
+        set_seed(train.seed)
+        self.noise_scheduler = build_noise_scheduler(config.model)
+        model = unet if unet is not None else build_unet(config.model, config.data)
+        self.optimizer = torch.optim.AdamW(
+            (p for p in model.parameters() if p.requires_grad), lr=train.learning_rate, weight_decay=train.weight_decay
+        )
+        self.lr_scheduler = get_scheduler(
+            "constant_with_warmup", optimizer=self.optimizer, num_warmup_steps=train.warmup_steps
+        )
+        self.unet, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.ema = EMAModel(self.unwrapped.parameters(), decay=train.ema_decay) if train.ema else None
+        self.batches = EpochBatches(
+            len(train_set),
+            train.batch_size,
+            seed=train.seed,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+        )
+        self.hooks = HookList(hooks)
+        self.pixels = train_set.as_model_input()
+        self.step = 0
+        self.batch_position = 0
+        self.last_log: dict[str, float] = {}
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.unet)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def next_batch(self) -> dict[str, Any]:
+        indices = self.batches.batch(self.batch_position)
+        self.batch_position += 1
+        batch = {"pixels": self.pixels[indices].to(self.device), "index": indices}
+        if self.train_set.captions is not None:
+            batch["captions"] = [self.train_set.captions[i] for i in indices.tolist()]
+        return batch
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; no update at all when the hooks skip every sample of the batch."""
+        self.unet.train()
+        batch = self.hooks.on_batch_start(self.next_batch(), self)
+        with self.accelerator.autocast():
+            losses, timesteps = per_sample_diffusion_loss(self.unet, self.noise_scheduler, batch["pixels"])
+        batch["timesteps"] = timesteps
+        if not torch.isfinite(losses).all():
+            raise MemsafeError(
+                f"training loss became {losses[~torch.isfinite(losses)][0].item()} at step {self.step}: "
+                "lower train.learning_rate or check the data"
+            )
+        weights = self.hooks.on_losses(losses.detach(), batch, self)
+        loss = weighted_mean(losses, weights)
+        # Every process runs backward (keeps data-parallel all-reduces matched) even for an all-skipped batch.
+        self.accelerator.backward(loss)
+        kept = weights.gt(0).float().sum()
+        any_kept = self.accelerator.reduce(kept.reshape(1), reduction="sum").item() > 0
+        if any_kept:
+            self.hooks.on_after_backward(self.unwrapped, self)
+            if self.config.train.grad_clip > 0:
+                self.accelerator.clip_grad_norm_(self.unet.parameters(), self.config.train.grad_clip)
+            self.optimizer.step()
+            self.hooks.on_after_step(self.unwrapped, self)
+            self.lr_scheduler.step()
+            if self.ema is not None:
+                self.ema.step(self.unwrapped.parameters())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {
+            "loss": losses.detach().mean().item(),
+            "train_loss": loss.detach().item(),
+            "kept_fraction": (kept / len(losses)).item(),
+            "lr": self.lr_scheduler.get_last_lr()[0],
+        }
+
+    def fit(
+        self,
+        max_steps: int | None = None,
+        checkpoint_dir: Path | None = None,
+        log_path: Path | None = None,
+        progress: bool = True,
+        on_checkpoint: Callable[[Path], None] | None = None,
+    ) -> dict[str, float]:
+        """Train until `max_steps` (default: the config's), checkpointing and logging on the way."""
+        from memsafe.train.checkpoint import save_checkpoint
+
+        train = self.config.train
+        max_steps = max_steps if max_steps is not None else train.max_steps
+        if self.step == 0:
+            self.hooks.on_train_start(self)
+        bar = tqdm(
+            total=max_steps,
+            initial=self.step,
+            desc="training",
+            unit="step",
+            disable=not progress or not self.accelerator.is_main_process,
+        )
+        log_file = open(log_path, "a") if log_path and self.accelerator.is_main_process else None
+        running: dict[str, float] = {}
+        started = time.perf_counter()
+        first_step = self.step
+        try:
+            while self.step < max_steps:
+                values = self.train_step()
+                for key, value in values.items():
+                    running[key] = running.get(key, 0.0) + value
+                bar.update(1)
+                if self.step % train.log_every == 0 or self.step == max_steps:
+                    count = train.log_every if self.step % train.log_every == 0 else self.step % train.log_every
+                    self.last_log = {k: v / count for k, v in running.items()} | self.hooks.log_values()
+                    running = {}
+                    bar.set_postfix(loss=f"{self.last_log['loss']:.4f}", kept=f"{self.last_log['kept_fraction']:.2f}")
+                    if log_file:
+                        log_file.write(json.dumps({"step": self.step, **self.last_log}) + "\n")
+                        log_file.flush()
+                if checkpoint_dir is not None and (self.step % train.checkpoint_every == 0 or self.step == max_steps):
+                    path = save_checkpoint(self, checkpoint_dir)
+                    if on_checkpoint:
+                        on_checkpoint(path)
+        finally:
+            bar.close()
+            if log_file:
+                log_file.close()
+        elapsed = time.perf_counter() - started
+        steps_run = self.step - first_step
+        return {"steps": self.step, "sec_per_step": elapsed / steps_run if steps_run else math.nan}
+
+    def ema_or_model(self, use_ema: bool) -> torch.nn.Module:
+        """A copy of the weights to sample from: the EMA shadow when asked and kept, else the model."""
+        import copy
+
+        model = copy.deepcopy(self.unwrapped).eval()
+        if use_ema and self.ema is not None:
+            self.ema.copy_to(model.parameters())
+        return model
