@@ -1,0 +1,156 @@
+"""The `memsafe` command: train, evaluate, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from memsafe.errors import MemsafeError
+
+
+def _overrides(pairs: list[str]) -> dict:
+    values = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise MemsafeError(f"--set takes key=value, got {pair!r}")
+        values[key.strip()] = yaml.safe_load(raw)
+    return values
+
+
+def _config(path: str | None, overrides: dict):
+    from memsafe.config import RunConfig, load_config, merge
+
+    config = load_config(path) if path else RunConfig()
+    return merge(config, overrides) if overrides else config
+
+
+def demo_config_path() -> Path:
+    return Path(str(resources.files("memsafe") / "configs" / "demo.yaml"))
+
+
+def cmd_train(args) -> None:
+    from memsafe.runs import train_run
+
+    overrides = _overrides(args.set)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    run_dir = train_run(_config(args.config, overrides), progress=not args.no_progress)
+    print(f"trained: {run_dir}")
+
+
+def cmd_evaluate(args) -> None:
+    from memsafe.report.table import metrics_table
+    from memsafe.runs import evaluate_run
+
+    evaluation = evaluate_run(Path(args.run_dir), progress=not args.no_progress)
+    print(metrics_table({Path(args.run_dir).name: evaluation.metrics}))
+    print(f"wrote {Path(args.run_dir) / 'metrics.json'} and {Path(args.run_dir) / 'nearest.png'}")
+
+
+def cmd_generate(args) -> None:
+    from memsafe.data.images import to_uint8
+    from memsafe.report.figures import save_image_grid
+    from memsafe.runs import sample_run
+
+    run_dir = Path(args.run_dir)
+    samples = sample_run(run_dir, args.num, args.seed, progress=not args.no_progress)
+    out = Path(args.out) if args.out else run_dir / "generated"
+    out.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    for i, image in enumerate(to_uint8(samples)):
+        array = image.permute(1, 2, 0).numpy()
+        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(out / f"{i:05d}.png")
+    save_image_grid(samples[:64], out / "grid.png")
+    print(f"wrote {len(samples)} images to {out}")
+
+
+def cmd_demo(args) -> None:
+    from memsafe.report.table import metrics_table
+    from memsafe.runs import evaluate_run, train_run
+
+    overrides = _overrides(args.set)
+    overrides["defense.name"] = args.defense
+    overrides["output_dir"] = args.output_dir or f"runs/demo-{args.defense}"
+    config = _config(str(demo_config_path()), overrides)
+    print(
+        f"memsafe demo: plain DDPM on {config.data.max_train_images} real handwritten digits "
+        f"({config.data.resolution}x{config.data.resolution}), {config.train.max_steps} steps, defense: {args.defense}"
+    )
+    run_dir = train_run(config, progress=not args.no_progress)
+    evaluation = evaluate_run(run_dir, progress=not args.no_progress)
+    m = evaluation.metrics
+    print()
+    print(metrics_table({args.defense: m}))
+    print()
+    print(
+        f"{m['memorized_fraction']:.1%} of {m['num_samples']} generations are copies of a training image "
+        f"(nearest/second-nearest distance < {m['memorization_threshold']:.3f}); "
+        f"{m['copy_fraction']:.1%} exceed copy similarity {m['copy_threshold']}."
+    )
+    print(f"see {run_dir / 'nearest.png'} (generations above their nearest training images) and {run_dir / 'metrics.json'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memsafe", description=__doc__)
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    def common(p):
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        return p
+
+    p = common(sub.add_parser("train", help="train (or resume) a run from a YAML config"))
+    p.add_argument("--config", help="YAML run config (defaults for every key left out)")
+    p.add_argument("--output-dir", help="run directory (overrides output_dir)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. train.max_steps=200")
+    p.set_defaults(func=cmd_train)
+
+    p = common(sub.add_parser("evaluate", help="generate from a run and measure memorization and quality"))
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = common(sub.add_parser("generate", help="write PNG samples from a trained run"))
+    p.add_argument("run_dir")
+    p.add_argument("--num", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="folder for the images (default: RUN_DIR/generated)")
+    p.set_defaults(func=cmd_generate)
+
+    p = common(sub.add_parser("demo", help="train on the built-in digits until it memorizes, then measure it"))
+    p.add_argument("--defense", default="none", help="defense to train with (default: none)")
+    p.add_argument("--output-dir", help="run directory (default: runs/demo-DEFENSE)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo config key")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from memsafe import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except MemsafeError as exc:
+        print(f"memsafe: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("memsafe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""All of memsafe's measurements of one set of generations against the training and held-out images."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memsafe.config import EvalConfig
+from memsafe.data.images import ImageSet
+from memsafe.metrics.copy_detection import copy_statistics, top1_similarity
+from memsafe.metrics.features import domain_feature_net, load_feature_net
+from memsafe.metrics.fid import fid_inception, fid_with_features
+from memsafe.metrics.nearest import (
+    Neighbours,
+    distance_ratio,
+    memorized_fraction,
+    mq_counts,
+    mq_scores,
+    nearest_neighbours,
+)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict
+    samples: torch.Tensor  # model range
+    neighbours: Neighbours  # pixel-space neighbours in the training set
+    ratios: torch.Tensor  # NN1 / NN2 distance ratio per sample
+
+
+def feature_network(config: EvalConfig, train_set: ImageSet, holdout: ImageSet, progress: bool = True):
+    if config.features != "domain":
+        return load_feature_net(config.features)
+    real = torch.cat([train_set.as_model_input(), holdout.as_model_input()])
+    return domain_feature_net(real, progress=progress)
+
+
+def evaluate_samples(
+    samples: torch.Tensor,
+    train_set: ImageSet,
+    holdout: ImageSet,
+    config: EvalConfig,
+    feature_net: torch.nn.Module | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    train_images = train_set.as_model_input()
+    neighbours = nearest_neighbours(samples, train_images, k=50)
+    ratios = distance_ratio(neighbours)
+    metrics: dict = {
+        "num_samples": len(samples),
+        "num_train_images": len(train_set),
+        "memorized_fraction": memorized_fraction(ratios, config.memorization_threshold),
+        "memorization_threshold": config.memorization_threshold,
+        "nn_ratio_median": ratios.median().item(),
+        "mq_counts": mq_counts(mq_scores(neighbours)),
+    }
+
+    net = feature_net if feature_net is not None else feature_network(config, train_set, holdout, progress)
+    train_features = _embed(net, train_images)
+    sample_features = _embed(net, samples)
+    calibrate = getattr(net, "calibrate", lambda similarity: similarity)
+    similarity, _ = top1_similarity(sample_features, train_features)
+    metrics |= copy_statistics(calibrate(similarity), config.copy_threshold)
+    if len(train_set) > 1:
+        background, _ = top1_similarity(train_features, train_features, skip_self=True)
+        metrics |= copy_statistics(calibrate(background), config.copy_threshold, prefix="train_")
+    metrics["copy_threshold"] = config.copy_threshold
+
+    reference, metrics["fid_reference"] = (
+        (holdout.as_model_input(), "holdout") if len(holdout) >= 2 else (train_images, "train")
+    )
+    if config.inception_weights:
+        metrics["fid"], metrics["fid_features"] = fid_inception(reference, samples, config.inception_weights), "inception"
+    else:
+        metrics["fid"] = fid_with_features(reference, samples, net)
+        metrics["fid_features"] = config.features
+    return Evaluation(metrics=metrics, samples=samples, neighbours=neighbours, ratios=ratios)
+
+
+def _embed(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    if hasattr(net, "embed"):
+        return net.embed(images)
+    with torch.no_grad():
+        return torch.nn.functional.normalize(torch.cat([net(b) for b in images.split(512)]).float(), dim=1)

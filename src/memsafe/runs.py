@@ -1,0 +1,171 @@
+"""Run directories: train into one, evaluate it, sample from it.
+
+A run directory holds `config.yaml` (resolved), `status.json`, `log.jsonl`, `checkpoints/`, `model/`
+(a diffusers DDPMPipeline; `model_ema/` too when EMA is on), and after evaluation `metrics.json`,
+`nearest.png` and `samples.png`. Only `status.json` with "complete" says the training finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from diffusers import DDPMPipeline, UNet2DModel
+
+from memsafe.config import RunConfig, config_from_dict
+from memsafe.data import load_dataset
+from memsafe.defenses import build_hooks
+from memsafe.errors import MemsafeError
+from memsafe.metrics.evaluate import Evaluation, evaluate_samples
+from memsafe.models.sampling import generate
+from memsafe.models.unet import build_noise_scheduler
+from memsafe.report.figures import save_image_grid, save_loss_curve, save_nearest_grid
+from memsafe.train.checkpoint import latest_checkpoint, load_checkpoint
+from memsafe.train.loop import Trainer
+
+RESUMABLE_CHANGES = {"train.max_steps", "output_dir"}
+
+
+def write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> dict:
+    path = run_dir / "status.json"
+    return json.loads(path.read_text()) if path.is_file() else {"status": "missing"}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "params":
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise MemsafeError(f"{run_dir} is not a memsafe run directory (no config.yaml)")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def _check_resumable(run_dir: Path, config: RunConfig) -> None:
+    previous = _flatten(load_run_config(run_dir).to_dict())
+    current = _flatten(config.to_dict())
+    changed = sorted(k for k in current if previous.get(k) != current[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise MemsafeError(
+            f"{run_dir} holds a run with a different config ({', '.join(changed)}); choose another output_dir"
+        )
+
+
+def train_run(config: RunConfig, progress: bool = True) -> Path:
+    """Train (or resume) the run in `config.output_dir`; returns the run directory."""
+    # Everything that can fail on bad input happens before the run directory is touched.
+    train_set, _ = load_dataset(config.data)
+    trainer = Trainer(config, train_set, hooks=build_hooks(config, train_set))
+    run_dir = Path(config.output_dir)
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if (run_dir / "config.yaml").exists():
+        _check_resumable(run_dir, config)
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise MemsafeError(f"output_dir {run_dir} exists and is not a memsafe run; choose another output_dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if checkpoint is not None:
+        load_checkpoint(trainer, checkpoint)
+    write_json(run_dir / "status.json", {"status": "running", "step": trainer.step})
+    try:
+        stats = trainer.fit(
+            checkpoint_dir=run_dir / "checkpoints",
+            log_path=run_dir / "log.jsonl",
+            progress=progress,
+            on_checkpoint=lambda path: write_json(run_dir / "status.json", {"status": "running", "step": trainer.step}),
+        )
+        save_pipeline(trainer.ema_or_model(use_ema=False), trainer, run_dir / "model")
+        if trainer.ema is not None:
+            save_pipeline(trainer.ema_or_model(use_ema=True), trainer, run_dir / "model_ema")
+    except BaseException as exc:
+        write_json(run_dir / "status.json", {"status": "failed", "step": trainer.step, "error": str(exc) or repr(exc)})
+        raise
+    write_json(
+        run_dir / "status.json",
+        {"status": "complete", "step": trainer.step, "final_loss": trainer.last_log.get("loss"), **stats},
+    )
+    return run_dir
+
+
+def save_pipeline(unet: torch.nn.Module, trainer: Trainer, path: Path) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    DDPMPipeline(unet=unet, scheduler=trainer.noise_scheduler).save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_run_unet(run_dir: Path, use_ema: bool = True) -> UNet2DModel:
+    status = read_status(run_dir)
+    if status["status"] != "complete":
+        raise MemsafeError(f"run {run_dir} is not complete (status: {status['status']}); train it first")
+    folder = run_dir / ("model_ema" if use_ema and (run_dir / "model_ema").is_dir() else "model")
+    return UNet2DModel.from_pretrained(folder / "unet", local_files_only=True).eval()
+
+
+def sample_run(run_dir: Path, num_images: int, seed: int, progress: bool = True) -> torch.Tensor:
+    config = load_run_config(run_dir)
+    unet = load_run_unet(run_dir, config.eval.use_ema)
+    return generate(
+        unet,
+        build_noise_scheduler(config.model),
+        num_images,
+        steps=config.eval.sampling_steps,
+        batch_size=config.eval.batch_size,
+        seed=seed,
+        progress=progress,
+    )
+
+
+def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
+    """Generate, measure and write metrics.json, nearest.png, samples.png and loss.png into the run."""
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    started = time.perf_counter()
+    samples = sample_run(run_dir, config.eval.num_samples, config.eval.seed, progress)
+    train_set, holdout = load_dataset(config.data)
+    evaluation = evaluate_samples(samples, train_set, holdout, config.eval, progress=progress)
+    status = read_status(run_dir)
+    evaluation.metrics |= {
+        "defense": config.defense.name,
+        "train_steps": status.get("step"),
+        "sec_per_step": status.get("sec_per_step"),
+        "final_loss": status.get("final_loss"),
+        "eval_seconds": time.perf_counter() - started,
+    }
+    save_nearest_grid(
+        samples,
+        train_set.as_model_input(),
+        evaluation.neighbours.indices[:, 0],
+        evaluation.ratios,
+        run_dir / "nearest.png",
+        count=config.eval.grid_size,
+        threshold=config.eval.memorization_threshold,
+    )
+    save_image_grid(samples[:64], run_dir / "samples.png", title=f"{config.defense.name}: samples")
+    log_rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()] if (
+        run_dir / "log.jsonl"
+    ).is_file() else []
+    if log_rows:
+        save_loss_curve(log_rows, run_dir / "loss.png")
+    write_json(run_dir / "metrics.json", evaluation.metrics)
+    return evaluation

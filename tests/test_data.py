@@ -1,0 +1,92 @@
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from memsafe.config import DataConfig
+from memsafe.data import load_dataset, load_images
+from memsafe.data.image_folder import load_image_folder
+from memsafe.errors import MemsafeError
+
+
+def _write_folder(folder, with_metadata=True):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(folder / "red.png")
+    Image.new("L", (20, 40), 128).save(folder / "gray.jpg")
+    rgba = Image.new("RGBA", (32, 32), (0, 0, 255, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))
+    rgba.save(folder / "blue.png")
+    if with_metadata:
+        lines = [{"file_name": "red.png", "text": "a red square"}, {"file_name": "blue.png", "text": "a blue square"}]
+        (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+
+
+def test_image_folder_converts_modes_resizes_and_reads_captions(tmp_path):
+    _write_folder(tmp_path / "imgs")
+    images = load_image_folder(tmp_path / "imgs", resolution=8, channels=3)
+    assert images.pixels.shape == (3, 3, 8, 8) and images.pixels.dtype == torch.uint8
+    by_name = dict(zip(images.names, images.pixels))
+    assert by_name["red.png"][:, 4, 4].tolist() == [255, 0, 0]
+    assert by_name["gray.jpg"][:, 4, 4].tolist() == [128, 128, 128]
+    assert by_name["blue.png"][:, 4, 4].tolist() == [0, 0, 255]
+    captions = dict(zip(images.names, images.captions))
+    assert captions == {"blue.png": "a blue square", "gray.jpg": "", "red.png": "a red square"}
+    single = load_image_folder(tmp_path / "imgs", resolution=8, channels=1)
+    assert single.pixels.shape == (3, 1, 8, 8)
+
+
+def test_center_crop_keeps_the_middle(tmp_path):
+    folder = tmp_path / "crop"
+    folder.mkdir()
+    image = Image.new("L", (30, 10), 0)
+    image.paste(255, (10, 0, 20, 10))  # white middle third
+    image.save(folder / "a.png")
+    pixels = load_image_folder(folder, resolution=10, channels=1).pixels[0, 0]
+    assert pixels.float().mean() > 240  # only the white middle survives the centre crop
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: None, "data folder not found"),
+        (lambda d: d.mkdir(), "holds no images"),
+        (lambda d: (d.mkdir(), (d / "x.png").write_bytes(b"not an image")), "cannot read image .*x.png"),
+        (lambda d: (_write_folder(d, False), (d / "t.png").write_bytes((d / "red.png").read_bytes()[:60])),
+         "cannot read image .*t.png"),
+        (lambda d: (_write_folder(d, False), (d / "metadata.jsonl").write_text('{"file_name": "red.png"}\n{oops\n')),
+         "metadata.jsonl line 2 is not valid JSON"),
+        (lambda d: (_write_folder(d, False), (d / "metadata.jsonl").write_text('{"file_name": "nope.png", "text": "x"}\n')),
+         "line 1 names a missing file: nope.png"),
+    ],
+    ids=["missing", "empty", "not-an-image", "truncated", "bad-metadata-line", "caption-missing-file"],
+)
+def test_bad_folders_give_one_line_errors(tmp_path, make, message):
+    folder = tmp_path / "data"
+    make(folder)
+    with pytest.raises(MemsafeError, match=message) as info:
+        load_image_folder(folder, resolution=8, channels=1)
+    assert "\n" not in str(info.value)
+
+
+def test_builtin_digits_are_real_labelled_images():
+    digits = load_images(DataConfig(resolution=16))
+    assert digits.pixels.shape == (1797, 1, 16, 16)
+    assert digits.labels.bincount().min() > 150
+    # Real digits: each class has its own mean image, and a zero's centre is darker than its ring.
+    means = torch.stack([digits.pixels[digits.labels == c].float().mean(0) for c in range(10)])
+    assert torch.cdist(means.flatten(1), means.flatten(1)).fill_diagonal_(1e9).min() > 100
+    zero = means[0, 0]
+    assert zero[6:10, 6:10].mean() < zero[2:14, 2:14].mean()
+    assert digits.captions[0] == "a handwritten digit zero"
+
+
+def test_split_is_seeded_and_disjoint():
+    config = DataConfig(resolution=8, max_train_images=50, holdout_images=100, seed=3)
+    train, holdout = load_dataset(config)
+    again, _ = load_dataset(config)
+    assert len(train) == 50 and len(holdout) == 100
+    assert train.names == again.names
+    assert not set(train.names) & set(holdout.names)
+    with pytest.raises(MemsafeError, match="holdout_images"):
+        load_dataset(DataConfig(resolution=8, holdout_images=5000))

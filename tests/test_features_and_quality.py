@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from memsafe.data import load_images
+from memsafe.config import DataConfig
+from memsafe.metrics import copy_statistics, fid_with_features, top1_similarity, train_feature_net
+from memsafe.metrics.features import augment, load_feature_net, save_feature_net
+
+
+def _digits():
+    images = load_images(DataConfig(resolution=8))
+    return images.as_model_input(), images.labels
+
+
+def _net():
+    images, labels = _digits()
+    return train_feature_net(images[:600], steps=80, batch_size=128, progress=False), images, labels
+
+
+def test_feature_net_finds_the_source_of_an_augmented_copy():
+    net, images, _ = _net()
+    references = images[:200]
+    copies = augment(references[:50], torch.Generator().manual_seed(5))
+    similarity, index = top1_similarity(net.embed(copies), net.embed(references))
+    # Instance discrimination: most augmented copies are matched back to their own source image.
+    assert (index == torch.arange(50)).float().mean() > 0.6
+    # Calibrated similarity: a real image's nearest other real image sits near 0.5 (95th percentile),
+    # an exact copy at 1.0.
+    assert net.calibrate(torch.tensor(1.0)).item() == 1.0
+    background, _ = top1_similarity(net.embed(images[:600]), net.embed(images[:600]), skip_self=True)
+    assert copy_statistics(net.calibrate(background))["copy_fraction"] == pytest.approx(0.05, abs=0.01)
+    exact = copy_statistics(net.calibrate(top1_similarity(net.embed(references[:20]), net.embed(references))[0]))
+    assert exact["copy_fraction"] == 1.0 and exact["sim_mean"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_feature_net_training_is_deterministic_and_round_trips(tmp_path):
+    images, labels = _digits()
+    a = train_feature_net(images[:200], steps=5, batch_size=64, progress=False)
+    b = train_feature_net(images[:200], steps=5, batch_size=64, progress=False)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    save_feature_net(a, tmp_path / "net.safetensors")
+    loaded = load_feature_net(tmp_path / "net.safetensors")
+    assert torch.allclose(loaded(images[:8]), a(images[:8]))
+    assert loaded.background_similarity == a.background_similarity != 0.0
+
+
+def test_fid_is_zero_for_identical_sets_and_orders_distributions():
+    net, images, labels = _net()
+    zeros = images[labels == 0]
+    ones = images[labels == 1]
+    same_class = fid_with_features(zeros[:80], zeros[80:], net)
+    other_class = fid_with_features(zeros[:80], ones[:80], net)
+    noise = fid_with_features(zeros[:80], torch.rand(80, 1, 8, 8) * 2 - 1, net)
+    assert fid_with_features(zeros[:80], zeros[:80], net) < 1e-3
+    # Two halves of one class are far closer than another class or noise.
+    assert 3 * same_class < min(other_class, noise)
