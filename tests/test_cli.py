@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from memsafe.cli import main
+from tests.conftest import tiny_config_dict
+
+
+def _write_config(tmp_path, **sections):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "run", **sections)))
+    return path
+
+
+def _error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_train_evaluate_generate_end_to_end(tmp_path, capsys):
+    config = _write_config(tmp_path, train={"max_steps": 20, "ema": True})
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "complete" and status["step"] == 20
+    assert (run / "model" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (run / "model_ema" / "model_index.json").is_file()
+    assert len((run / "log.jsonl").read_text().splitlines()) == 4
+
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("memorized_fraction", "copy_fraction", "fid", "mq_counts", "sim_95pc"):
+        assert key in metrics
+    assert 0.0 <= metrics["memorized_fraction"] <= 1.0
+    assert metrics["num_samples"] == 32 and metrics["fid_reference"] == "holdout"
+    assert Image.open(run / "nearest.png").size[0] > 100
+    assert "memorized (NN ratio < 1/3)" in capsys.readouterr().out
+
+    assert main(["generate", str(run), "--num", "5", "--out", str(tmp_path / "gen"), "--no-progress"]) == 0
+    assert len(list((tmp_path / "gen").glob("0*.png"))) == 5
+
+
+def test_train_resumes_from_the_latest_checkpoint(tmp_path):
+    config = _write_config(tmp_path, train={"max_steps": 10, "checkpoint_every": 10})
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    assert main(["train", "--config", str(config), "--no-progress", "--set", "train.max_steps=20"]) == 0
+    run = tmp_path / "run"
+    assert json.loads((run / "status.json").read_text())["step"] == 20
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20]  # continued from 10, did not start over
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, capsys):
+    config = _write_config(tmp_path, train={"max_steps": 5})
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    assert main(["train", "--config", str(config), "--no-progress", "--set", "train.learning_rate=0.1"]) == 1
+    assert "different config (train.learning_rate)" in _error_line(capsys)
+
+
+def _corrupt_folder(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("L", (8, 8), 10).save(folder / "good.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"data": {"source": "/no/such/folder"}}, "data folder not found: /no/such/folder"),
+        ({"data": "EMPTY"}, "holds no images"),
+        ({"data": "CORRUPT"}, "cannot read image .*bad.png"),
+        ({"train": {"max_stepz": 3}}, "unknown config key 'train.max_stepz'"),
+        ({"data": {"resolution": 9}}, "data.resolution 9 cannot go through a UNet of 2 levels"),
+        ({"model": {"pretrained": "/no/such/model"}}, "model.pretrained directory not found"),
+    ],
+    ids=["missing-folder", "empty-folder", "corrupt-image", "unknown-key", "bad-resolution", "missing-pretrained"],
+)
+def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, capsys, sections, message):
+    if sections.get("data") == "EMPTY":
+        (tmp_path / "empty").mkdir()
+        sections = {"data": {"source": str(tmp_path / "empty")}}
+    elif sections.get("data") == "CORRUPT":
+        sections = {"data": {"source": str(_corrupt_folder(tmp_path)), "holdout_images": 0, "max_train_images": None}}
+    config = _write_config(tmp_path, **sections)
+    assert main(["train", "--config", str(config), "--no-progress"]) == 1
+    line = _error_line(capsys)
+    assert line.startswith("memsafe: error: ")
+    import re
+
+    assert re.search(message, line), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_loss_fails_the_run_without_claiming_completion(tmp_path, capsys):
+    config = _write_config(tmp_path, train={"max_steps": 40, "learning_rate": 1e30, "warmup_steps": 0, "grad_clip": 0.0})
+    assert main(["train", "--config", str(config), "--no-progress"]) == 1
+    assert "training loss became nan" in _error_line(capsys)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "failed" and "nan" in status["error"]
+    assert not (tmp_path / "run" / "model").exists()
+    assert main(["evaluate", str(tmp_path / "run"), "--no-progress"]) == 1
+    assert "is not complete (status: failed)" in _error_line(capsys)
+
+
+def test_pretrained_directory_is_loaded_with_its_weights(tmp_path):
+    first = _write_config(tmp_path, train={"max_steps": 5})
+    assert main(["train", "--config", str(first), "--no-progress"]) == 0
+    from diffusers import UNet2DModel
+
+    from memsafe.config import config_from_dict
+    from memsafe.models import build_unet
+
+    saved = UNet2DModel.from_pretrained(tmp_path / "run" / "model" / "unet")
+    values = tiny_config_dict(tmp_path / "run2", model={"pretrained": str(tmp_path / "run" / "model")})
+    config = config_from_dict(values)
+    loaded = build_unet(config.model, config.data)
+    for a, b in zip(saved.parameters(), loaded.parameters()):
+        assert torch.equal(a, b)
+    (tmp_path / "run" / "model" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    from memsafe.errors import MemsafeError
+
+    with pytest.raises(MemsafeError, match="has no weights file"):
+        build_unet(config.model, config.data)
