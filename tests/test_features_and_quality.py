@@ -28,9 +28,11 @@ def test_feature_net_finds_the_source_of_an_augmented_copy():
     # an exact copy at 1.0.
     assert net.calibrate(torch.tensor(1.0)).item() == 1.0
     background, _ = top1_similarity(net.embed(images[:600]), net.embed(images[:600]), skip_self=True)
-    assert copy_statistics(net.calibrate(background))["copy_fraction"] == pytest.approx(0.05, abs=0.01)
-    exact = copy_statistics(net.calibrate(top1_similarity(net.embed(references[:20]), net.embed(references))[0]))
+    assert copy_statistics(background, calibrate=net.calibrate)["copy_fraction"] == pytest.approx(0.05, abs=0.01)
+    exact = copy_statistics(top1_similarity(net.embed(references[:20]), net.embed(references))[0], calibrate=net.calibrate)
     assert exact["copy_fraction"] == 1.0 and exact["sim_mean"] == pytest.approx(1.0, abs=1e-5)
+    raw = copy_statistics(torch.tensor([0.2, 0.6, 0.9]))
+    assert raw["copy_fraction"] == pytest.approx(2 / 3) and raw["sim_mean"] == pytest.approx(1.7 / 3)
 
 
 def test_feature_net_training_is_deterministic_and_round_trips(tmp_path):

@@ -22,9 +22,14 @@ def top1_similarity(query_features: torch.Tensor, reference_features: torch.Tens
     return similarity.float(), found.indices[:, column]
 
 
-def copy_statistics(similarity: torch.Tensor, threshold: float = 0.5, prefix: str = "") -> dict[str, float]:
+def copy_statistics(
+    similarity: torch.Tensor, threshold: float = 0.5, prefix: str = "", calibrate=None
+) -> dict[str, float]:
+    """Cosine statistics, and the fraction of copies: calibrated score (if the network has a calibration)
+    above `threshold`."""
+    score = calibrate(similarity) if calibrate is not None else similarity
     return {
-        f"{prefix}copy_fraction": similarity.gt(threshold).double().mean().item(),
+        f"{prefix}copy_fraction": score.gt(threshold).double().mean().item(),
         f"{prefix}sim_mean": similarity.mean().item(),
         f"{prefix}sim_95pc": torch.quantile(similarity.double(), 0.95).item(),
     }

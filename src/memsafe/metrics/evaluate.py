@@ -59,13 +59,18 @@ def evaluate_samples(
     net = feature_net if feature_net is not None else feature_network(config, train_set, holdout, progress)
     train_features = _embed(net, train_images)
     sample_features = _embed(net, samples)
-    calibrate = getattr(net, "calibrate", lambda similarity: similarity)
+    calibrate = getattr(net, "calibrate", None)
     similarity, _ = top1_similarity(sample_features, train_features)
-    metrics |= copy_statistics(calibrate(similarity), config.copy_threshold)
+    metrics |= copy_statistics(similarity, config.copy_threshold, calibrate=calibrate)
     if len(train_set) > 1:
         background, _ = top1_similarity(train_features, train_features, skip_self=True)
-        metrics |= copy_statistics(calibrate(background), config.copy_threshold, prefix="train_")
+        metrics |= copy_statistics(background, config.copy_threshold, prefix="train_", calibrate=calibrate)
     metrics["copy_threshold"] = config.copy_threshold
+    if calibrate is not None:
+        # The calibrated threshold expressed as a raw cosine similarity.
+        metrics["copy_threshold_cosine"] = net.background_similarity + (config.copy_threshold - 0.5) * 2 * (
+            1 - net.background_similarity
+        )
 
     reference, metrics["fid_reference"] = (
         (holdout.as_model_input(), "holdout") if len(holdout) >= 2 else (train_images, "train")

@@ -53,7 +53,10 @@ def nearest_neighbours(
             keep = min(cand_d.shape[1], k + 8)
             best_d, pos = cand_d.topk(keep, dim=1, largest=False)
             best_i = cand_i.gather(1, pos)
-        exact = (qc.double().unsqueeze(1) - r[best_i].double()).pow(2).sum(-1)
+        exact = torch.cat([
+            (qc[i : i + 64].double().unsqueeze(1) - r[best_i[i : i + 64]].double()).pow(2).sum(-1)
+            for i in range(0, qc.shape[0], 64)  # small slices: the gathered neighbours are (64, k, D)
+        ])
         exact, order = exact.sort(dim=1)
         all_d.append(exact[:, :k])
         all_i.append(best_i.gather(1, order)[:, :k])

@@ -6,8 +6,8 @@ HEADLINE = [
     ("memorized_fraction", "memorized (NN ratio < 1/3)"),
     ("nn_ratio_median", "median NN1/NN2 ratio"),
     ("copy_fraction", "copy-similarity > threshold"),
-    ("sim_95pc", "copy similarity, 95th pct"),
-    ("train_sim_95pc", "train-vs-train similarity, 95th pct"),
+    ("sim_95pc", "copy similarity (cosine), 95th pct"),
+    ("train_sim_95pc", "train-vs-train cosine, 95th pct"),
     ("fid", "FID"),
 ]
 
