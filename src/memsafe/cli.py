@@ -58,7 +58,7 @@ def cmd_generate(args) -> None:
     from memsafe.runs import sample_run
 
     run_dir = Path(args.run_dir)
-    samples = sample_run(run_dir, args.num, args.seed, progress=not args.no_progress)
+    samples = sample_run(run_dir, args.num, args.seed, prompts=args.prompt, progress=not args.no_progress)
     out = Path(args.out) if args.out else run_dir / "generated"
     out.mkdir(parents=True, exist_ok=True)
     from PIL import Image
@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder for the images (default: RUN_DIR/generated)")
+    p.add_argument("--prompt", action="append", help="prompt for a text run (repeat for several; cycled over --num)")
     p.set_defaults(func=cmd_generate)
 
     p = common(sub.add_parser("demo", help="train on the built-in digits until it memorizes, then measure it"))

@@ -28,6 +28,9 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     pretrained: str | None = None  # a local diffusers directory (model_index.json + unet/, or a UNet folder)
+    conditioning: str = "none"  # "none" (UNet2DModel) or "text" (UNet2DConditionModel + frozen text encoder)
+    text_encoder: str = "builtin:minilm"  # or a local directory (Stable Diffusion's text_encoder/ + tokenizer/)
+    max_text_length: int = 16
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
@@ -44,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 100
     grad_clip: float = 1.0
+    caption_dropout: float = 0.1  # share of captions replaced by "" (text runs), for classifier-free guidance
     ema: bool = False
     ema_decay: float = 0.999
     mixed_precision: str = "no"  # "no", "fp16", "bf16" (accelerate)
@@ -58,6 +62,7 @@ class EvalConfig:
     num_samples: int = 256
     sampling_steps: int = 50  # DDIM steps
     batch_size: int = 128
+    guidance_scale: float = 1.0  # classifier-free guidance for text runs (1 = none)
     use_ema: bool = True  # evaluate the EMA weights when the run kept them
     memorization_threshold: float = 1 / 3  # NN1/NN2 distance ratio below which a sample is a copy
     copy_threshold: float = 0.5  # cosine similarity above which a sample is a copy
@@ -175,6 +180,10 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(
             f"model.block_out_channels {model.block_out_channels} must be multiples of norm_num_groups {model.norm_num_groups}"
         )
+    if model.conditioning not in ("none", "text"):
+        raise MemsafeError(f"model.conditioning must be none or text, got {model.conditioning!r}")
+    if not 0.0 <= train.caption_dropout < 1.0:
+        raise MemsafeError(f"train.caption_dropout must be in [0, 1), got {train.caption_dropout}")
     if data.channels not in (1, 3):
         raise MemsafeError(f"data.channels must be 1 or 3, got {data.channels}")
     if train.mixed_precision not in ("no", "fp16", "bf16"):

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 import yaml
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline
 
 from memsafe.config import RunConfig, config_from_dict
 from memsafe.data import load_dataset
@@ -24,7 +24,7 @@ from memsafe.defenses import build_hooks
 from memsafe.errors import MemsafeError
 from memsafe.metrics.evaluate import Evaluation, evaluate_samples
 from memsafe.models.sampling import generate
-from memsafe.models.unet import build_noise_scheduler
+from memsafe.models.unet import build_noise_scheduler, unet_class
 from memsafe.report.figures import save_image_grid, save_loss_curve, save_nearest_grid
 from memsafe.train.checkpoint import latest_checkpoint, load_checkpoint
 from memsafe.train.loop import Trainer
@@ -107,24 +107,50 @@ def train_run(config: RunConfig, progress: bool = True) -> Path:
 
 
 def save_pipeline(unet: torch.nn.Module, trainer: Trainer, path: Path) -> None:
+    """unet/ and scheduler/ in diffusers layout; for unconditional runs a loadable DDPMPipeline."""
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    DDPMPipeline(unet=unet, scheduler=trainer.noise_scheduler).save_pretrained(tmp)
+    if trainer.conditioner is None:
+        DDPMPipeline(unet=unet, scheduler=trainer.noise_scheduler).save_pretrained(tmp)
+    else:
+        unet.save_pretrained(tmp / "unet")
+        trainer.noise_scheduler.save_pretrained(tmp / "scheduler")
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 
 
-def load_run_unet(run_dir: Path, use_ema: bool = True) -> UNet2DModel:
+def load_run_unet(run_dir: Path, config: RunConfig) -> torch.nn.Module:
     status = read_status(run_dir)
     if status["status"] != "complete":
         raise MemsafeError(f"run {run_dir} is not complete (status: {status['status']}); train it first")
-    folder = run_dir / ("model_ema" if use_ema and (run_dir / "model_ema").is_dir() else "model")
-    return UNet2DModel.from_pretrained(folder / "unet", local_files_only=True).eval()
+    folder = run_dir / ("model_ema" if config.eval.use_ema and (run_dir / "model_ema").is_dir() else "model")
+    return unet_class(config.model).from_pretrained(folder / "unet", local_files_only=True).eval()
 
 
-def sample_run(run_dir: Path, num_images: int, seed: int, progress: bool = True) -> torch.Tensor:
+def sample_run(
+    run_dir: Path, num_images: int, seed: int, prompts: list[str] | None = None, progress: bool = True
+) -> torch.Tensor:
+    """Samples from a finished run; a text run without `prompts` uses training captions drawn with `seed`."""
     config = load_run_config(run_dir)
-    unet = load_run_unet(run_dir, config.eval.use_ema)
+    unet = load_run_unet(run_dir, config)
+    conditioning = {}
+    if config.model.conditioning == "text":
+        from memsafe.models.text import TextEncoder
+
+        if prompts is None:
+            captions = load_dataset(config.data)[0].captions or [""]
+            pick = torch.randint(len(captions), (num_images,), generator=torch.Generator().manual_seed(seed))
+            prompts = [captions[i] for i in pick.tolist()]
+        elif len(prompts) != num_images:
+            prompts = [prompts[i % len(prompts)] for i in range(num_images)]
+        encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+        conditioning = {
+            "encoder_hidden_states": encoder.encode(prompts),
+            "uncond_hidden_states": encoder.encode([""]),
+            "guidance_scale": config.eval.guidance_scale,
+        }
+    elif prompts:
+        raise MemsafeError(f"run {run_dir} is unconditional: it takes no prompts")
     return generate(
         unet,
         build_noise_scheduler(config.model),
@@ -133,6 +159,7 @@ def sample_run(run_dir: Path, num_images: int, seed: int, progress: bool = True)
         batch_size=config.eval.batch_size,
         seed=seed,
         progress=progress,
+        **conditioning,
     )
 
 
@@ -141,7 +168,7 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     started = time.perf_counter()
-    samples = sample_run(run_dir, config.eval.num_samples, config.eval.seed, progress)
+    samples = sample_run(run_dir, config.eval.num_samples, config.eval.seed, progress=progress)
     train_set, holdout = load_dataset(config.data)
     evaluation = evaluate_samples(samples, train_set, holdout, config.eval, progress=progress)
     status = read_status(run_dir)

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
+
+
+def _predict_noise(unet, images, t, cond, uncond, guidance_scale):
+    if cond is None:
+        return unet(images, t).sample
+    if uncond is None or guidance_scale == 1.0:
+        return unet(images, t, encoder_hidden_states=cond).sample
+    both = unet(torch.cat([images, images]), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    eps_uncond, eps_cond = both.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
 @torch.no_grad()
 def generate(
-    unet: UNet2DModel,
+    unet: torch.nn.Module,
     noise_scheduler: DDPMScheduler,
     num_images: int,
     steps: int = 50,
@@ -17,8 +27,14 @@ def generate(
     seed: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    encoder_hidden_states: torch.Tensor | None = None,
+    uncond_hidden_states: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
-    """`num_images` samples in model range [-1, 1]; the same seed gives the same images."""
+    """`num_images` samples in model range [-1, 1]; the same seed gives the same images.
+
+    For a text-conditional UNet pass one row of `encoder_hidden_states` per image, and the empty
+    prompt's embedding (1, L, d) as `uncond_hidden_states` for classifier-free guidance."""
     scheduler = DDIMScheduler.from_config(noise_scheduler.config)
     scheduler.set_timesteps(steps)
     unet = unet.to(device).eval()
@@ -29,8 +45,10 @@ def generate(
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         images = torch.randn((count, *shape), generator=generator).to(device)
+        cond = None if encoder_hidden_states is None else encoder_hidden_states[start : start + count].to(device)
+        uncond = None if uncond_hidden_states is None else uncond_hidden_states.expand(count, -1, -1).to(device)
         for t in scheduler.timesteps:
-            noise_pred = unet(images, t).sample
+            noise_pred = _predict_noise(unet, images, t, cond, uncond, guidance_scale)
             images = scheduler.step(noise_pred, t, images, eta=0.0).prev_sample
             bar.update(count)
         batches.append(images.clamp(-1, 1).cpu())

@@ -4,15 +4,36 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 from memsafe.config import DataConfig, ModelConfig
 from memsafe.errors import MemsafeError
 
 
-def build_unet(model: ModelConfig, data: DataConfig) -> UNet2DModel:
+def unet_class(model: ModelConfig) -> type:
+    return UNet2DConditionModel if model.conditioning == "text" else UNet2DModel
+
+
+def build_unet(model: ModelConfig, data: DataConfig, cross_attention_dim: int | None = None):
+    """A UNet2DModel, or with `model.conditioning: text` a UNet2DConditionModel reading `cross_attention_dim`-d
+    text embeddings at the levels where `attention_levels` is true."""
     if model.pretrained:
-        return load_pretrained_unet(model.pretrained, data)
+        return load_pretrained_unet(model.pretrained, data, model, cross_attention_dim)
+    if model.conditioning == "text":
+        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in model.attention_levels]
+        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model.attention_levels)]
+        return UNet2DConditionModel(
+            sample_size=data.resolution,
+            in_channels=data.channels,
+            out_channels=data.channels,
+            block_out_channels=tuple(model.block_out_channels),
+            layers_per_block=model.layers_per_block,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            norm_num_groups=model.norm_num_groups,
+            cross_attention_dim=cross_attention_dim,
+            attention_head_dim=8,
+        )
     down, up = [], []
     for with_attention in model.attention_levels:
         down.append("AttnDownBlock2D" if with_attention else "DownBlock2D")
@@ -35,7 +56,9 @@ def _unet_folder(path: Path) -> Path:
     return path / "unet" if (path / "model_index.json").exists() or (path / "unet").is_dir() else path
 
 
-def load_pretrained_unet(path: str | Path, data: DataConfig) -> UNet2DModel:
+def load_pretrained_unet(
+    path: str | Path, data: DataConfig, model: ModelConfig | None = None, cross_attention_dim: int | None = None
+):
     folder = _unet_folder(Path(path))
     if not folder.is_dir():
         raise MemsafeError(f"model.pretrained directory not found: {folder}")
@@ -44,10 +67,16 @@ def load_pretrained_unet(path: str | Path, data: DataConfig) -> UNet2DModel:
             raise MemsafeError(f"model.pretrained directory {folder} is missing {required}")
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise MemsafeError(f"model.pretrained directory {folder} has no weights file (*.safetensors)")
+    cls = unet_class(model) if model is not None else UNet2DModel
     try:
-        unet = UNet2DModel.from_pretrained(folder, local_files_only=True)
+        unet = cls.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise MemsafeError(f"cannot load UNet from {folder}: {exc}") from exc
+    expected = getattr(unet.config, "cross_attention_dim", None)
+    if cross_attention_dim is not None and expected != cross_attention_dim:
+        raise MemsafeError(
+            f"pretrained UNet at {folder} reads {expected}-d text embeddings, the text encoder gives {cross_attention_dim}-d"
+        )
     if unet.config.in_channels != data.channels or unet.config.sample_size != data.resolution:
         raise MemsafeError(
             f"pretrained UNet at {folder} takes {unet.config.in_channels}x{unet.config.sample_size}px images, "

@@ -42,7 +42,15 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=train.mixed_precision)
         set_seed(train.seed)
         self.noise_scheduler = build_noise_scheduler(config.model)
-        model = unet if unet is not None else build_unet(config.model, config.data)
+        self.conditioner = None
+        cross_attention_dim = None
+        if config.model.conditioning == "text":
+            from memsafe.models.text import CaptionConditioner, TextEncoder
+
+            encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+            self.conditioner = CaptionConditioner(encoder, train_set.captions, train.caption_dropout)
+            cross_attention_dim = encoder.dim
+        model = unet if unet is not None else build_unet(config.model, config.data, cross_attention_dim)
         self.optimizer = torch.optim.AdamW(
             (p for p in model.parameters() if p.requires_grad), lr=train.learning_rate, weight_decay=train.weight_decay
         )
@@ -75,9 +83,11 @@ class Trainer:
     def next_batch(self) -> dict[str, Any]:
         indices = self.batches.batch(self.batch_position)
         self.batch_position += 1
-        batch = {"pixels": self.pixels[indices].to(self.device), "index": indices}
+        batch = {"pixels": self.pixels[indices].to(self.device), "index": indices, "model_kwargs": {}}
         if self.train_set.captions is not None:
             batch["captions"] = [self.train_set.captions[i] for i in indices.tolist()]
+        if self.conditioner is not None:
+            batch["model_kwargs"] = self.conditioner.model_kwargs(indices, self.device)
         return batch
 
     def train_step(self) -> dict[str, float]:
@@ -85,7 +95,9 @@ class Trainer:
         self.unet.train()
         batch = self.hooks.on_batch_start(self.next_batch(), self)
         with self.accelerator.autocast():
-            losses, timesteps = per_sample_diffusion_loss(self.unet, self.noise_scheduler, batch["pixels"])
+            losses, timesteps = per_sample_diffusion_loss(
+                self.unet, self.noise_scheduler, batch["pixels"], **batch["model_kwargs"]
+            )
         batch["timesteps"] = timesteps
         if not torch.isfinite(losses).all():
             raise MemsafeError(

