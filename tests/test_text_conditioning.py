@@ -32,8 +32,8 @@ def test_text_conditional_training_learns_the_caption(tiny_config):
     assert type(trainer.unwrapped).__name__ == "UNet2DConditionModel"
     trainer.fit(progress=False)
     model = trainer.unwrapped.eval()
-    images = train_set.as_model_input()
-    right = trainer.conditioner.caption_embeddings
+    images = train_set.as_model_input().to(trainer.device)
+    right = trainer.conditioner.caption_embeddings.to(trainer.device)
     wrong = right.roll(1, dims=0)  # each image paired with another image's caption
     mismatched = [train_set.captions[i] != train_set.captions[i - 1] for i in range(len(train_set))]
 

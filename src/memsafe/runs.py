@@ -19,7 +19,7 @@ import yaml
 from diffusers import DDPMPipeline
 
 from memsafe.config import RunConfig, config_from_dict
-from memsafe.data import load_dataset
+from memsafe.data import load_dataset, load_images, split_holdout
 from memsafe.defenses import build_hooks
 from memsafe.errors import MemsafeError
 from memsafe.metrics.evaluate import Evaluation, evaluate_samples
@@ -169,8 +169,10 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
     config = load_run_config(run_dir)
     started = time.perf_counter()
     samples = sample_run(run_dir, config.eval.num_samples, config.eval.seed, progress=progress)
-    train_set, holdout = load_dataset(config.data)
-    evaluation = evaluate_samples(samples, train_set, holdout, config.eval, progress=progress)
+    all_images = load_images(config.data)
+    data = config.data
+    train_set, holdout = split_holdout(all_images, data.max_train_images, data.holdout_images, data.seed)
+    evaluation = evaluate_samples(samples, train_set, holdout, config.eval, progress=progress, real_images=all_images)
     status = read_status(run_dir)
     evaluation.metrics |= {
         "defense": config.defense.name,

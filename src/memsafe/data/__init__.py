@@ -27,4 +27,4 @@ def load_dataset(config: DataConfig) -> tuple[ImageSet, ImageSet]:
     return split_holdout(load_images(config), config.max_train_images, config.holdout_images, config.seed)
 
 
-__all__ = ["ImageSet", "load_dataset", "load_images", "to_model_range", "to_uint8", "to_unit_range"]
+__all__ = ["ImageSet", "load_dataset", "load_images", "split_holdout", "to_model_range", "to_uint8", "to_unit_range"]

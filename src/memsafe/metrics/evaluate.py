@@ -29,11 +29,13 @@ class Evaluation:
     ratios: torch.Tensor  # NN1 / NN2 distance ratio per sample
 
 
-def feature_network(config: EvalConfig, train_set: ImageSet, holdout: ImageSet, progress: bool = True):
+def feature_network(config: EvalConfig, real_images: ImageSet, progress: bool = True):
+    """The user's feature network, or the domain network trained on `real_images`: every real image of
+    the source (not only the training split), so that the network and its calibration see the domain's
+    whole variety."""
     if config.features != "domain":
         return load_feature_net(config.features)
-    real = torch.cat([train_set.as_model_input(), holdout.as_model_input()])
-    return domain_feature_net(real, progress=progress)
+    return domain_feature_net(real_images.as_model_input(), progress=progress)
 
 
 def evaluate_samples(
@@ -43,7 +45,10 @@ def evaluate_samples(
     config: EvalConfig,
     feature_net: torch.nn.Module | None = None,
     progress: bool = True,
+    real_images: ImageSet | None = None,
 ) -> Evaluation:
+    """Measure `samples` against the training images. The domain feature network is trained on
+    `real_images` (default: training plus held-out images) unless `feature_net` is given."""
     train_images = train_set.as_model_input()
     neighbours = nearest_neighbours(samples, train_images, k=50)
     ratios = distance_ratio(neighbours)
@@ -56,7 +61,11 @@ def evaluate_samples(
         "mq_counts": mq_counts(mq_scores(neighbours)),
     }
 
-    net = feature_net if feature_net is not None else feature_network(config, train_set, holdout, progress)
+    if feature_net is None:
+        if real_images is None:
+            real_images = ImageSet(torch.cat([train_set.pixels, holdout.pixels]))
+        feature_net = feature_network(config, real_images, progress)
+    net = feature_net
     train_features = _embed(net, train_images)
     sample_features = _embed(net, samples)
     calibrate = getattr(net, "calibrate", None)

@@ -136,6 +136,7 @@ def load_checkpoint(trainer, path: Path) -> None:
         ema_state = dict(state["ema"])
         ema_state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
         trainer.ema.load_state_dict(ema_state)
+        trainer.ema.to(trainer.device)
     hook_tensors = {k: v for k, v in load_file(path / "hooks.safetensors").items() if k != "_empty"}
     trainer.hooks.load_state_dict(_join_state(hook_tensors, state["hooks"]))
     torch.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
