@@ -59,18 +59,23 @@ class Trainer:
         )
         self.unet, self.optimizer = self.accelerator.prepare(model, self.optimizer)
         self.ema = EMAModel(self.unwrapped.parameters(), decay=train.ema_decay) if train.ema else None
-        self.batches = EpochBatches(
-            len(train_set),
-            train.batch_size,
-            seed=train.seed,
-            rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes,
-        )
+        self.use_subset(torch.arange(len(train_set)), seed=train.seed)
         self.hooks = HookList(hooks)
         self.pixels = train_set.as_model_input()
         self.step = 0
         self.batch_position = 0
         self.last_log: dict[str, float] = {}
+
+    def use_subset(self, indices: torch.Tensor, seed: int) -> None:
+        """Train from now on only on these dataset indices (e.g. one shard), in a fresh seeded order."""
+        self.batches = EpochBatches(
+            indices,
+            self.config.train.batch_size,
+            seed=seed,
+            rank=self.accelerator.process_index,
+            world_size=self.accelerator.num_processes,
+        )
+        self.batch_position = 0
 
     @property
     def unwrapped(self) -> torch.nn.Module:
