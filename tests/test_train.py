@@ -115,12 +115,11 @@ def test_hook_weights_change_the_update_and_hook_state_is_checkpointed(tiny_conf
     assert same(plain, ones)
     assert not same(plain, halved)
     from memsafe.train import save_checkpoint
-    from memsafe.train.checkpoint import _join_state, _split_state
+    from memsafe.train.checkpoint import read_state
 
     path = save_checkpoint(halved, tmp_path / "ck")
-    assert (path / "hooks.safetensors").is_file()
-    tensors, values = _split_state(halved.hooks.state_dict())
-    assert torch.equal(_join_state(tensors, values)["half"]["seen"], torch.tensor([1.0, 2.0]))
+    saved = read_state(path / "hooks")
+    assert torch.equal(saved["half"]["seen"], torch.tensor([1.0, 2.0])) and saved["half"]["note"] == "kept"
 
 
 class PoisonPixels(TrainHook):
@@ -136,3 +135,18 @@ def test_nan_loss_stops_with_a_clear_error(tiny_config):
     trainer = Trainer(tiny_config, train_set, hooks=[PoisonPixels()])
     with pytest.raises(MemsafeError, match="training loss became nan at step 0"):
         trainer.train_step()
+
+
+def test_batches_stream_through_seeded_epochs_and_fill_small_subsets():
+    from memsafe.train.sampler import EpochBatches
+
+    items = torch.tensor([10, 11, 12, 13, 14])
+    batches = EpochBatches(items, batch_size=3, seed=0)
+    first_two_epochs = torch.cat([batches.batch(k) for k in range(10)])  # 30 positions = 6 epochs
+    for epoch in range(6):
+        assert sorted(first_two_epochs[5 * epoch : 5 * epoch + 5].tolist()) == items.tolist()
+    assert torch.equal(EpochBatches(items, 3, seed=0).batch(7), batches.batch(7))
+    big = EpochBatches(items, batch_size=12, seed=1).batch(0)  # larger than the subset: several epochs
+    assert len(big) == 12 and set(big.tolist()) == set(items.tolist())
+    halves = [EpochBatches(items, 4, seed=0, rank=r, world_size=2).batch(3) for r in (0, 1)]
+    assert sorted(torch.cat(halves).tolist()) == sorted(batches.__class__(items, 4, seed=0).batch(3).tolist())

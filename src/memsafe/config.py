@@ -73,9 +73,30 @@ class EvalConfig:
 
 
 @dataclass
+class IETConfig:
+    """IET-AGC+ (sample-level defense); every component can be switched off for ablation."""
+
+    shards: int = 10  # K proxies, as in the reference code's CIFAR runs
+    local_steps: int = 100  # optimizer steps per proxy per round
+    agc: bool = True  # skip samples with loss < bank[t] / agc_ratio
+    agc_ratio: float | None = None  # lambda; None: 2.0 from scratch, 1.25 when fine-tuning (reference code)
+    bank_decay: float = 0.8  # EMA of the per-timestep loss bank
+    redistribute: bool = True  # AGC+: move persistently skipped samples to other shards between rounds
+    redistribute_threshold: float = 0.5  # share of a sample's visits in a round that were skipped
+    augment: bool = True  # AGC+: augmentation strength grows as a sample's loss falls
+    augment_flip: bool = False  # horizontal flips (off for digits and text, whose meaning a flip changes)
+    augment_max_shift: float = 0.125  # translation at full strength, as a fraction of the image size
+    augment_max_jitter: float = 0.2  # brightness / contrast change at full strength
+
+
+@dataclass
 class DefenseConfig:
-    name: str = "none"
-    params: dict[str, Any] = field(default_factory=dict)
+    name: str = "none"  # "none", "iet_agc"; several joined by "+"
+    iet_agc: IETConfig = field(default_factory=IETConfig)
+
+    @property
+    def names(self) -> list[str]:
+        return [n.strip() for n in self.name.split("+") if n.strip() and n.strip() != "none"]
 
 
 @dataclass
@@ -191,5 +212,15 @@ def validate(config: RunConfig) -> None:
     for key in ("max_steps", "batch_size", "checkpoint_every", "log_every"):
         if getattr(train, key) <= 0:
             raise MemsafeError(f"train.{key} must be positive, got {getattr(train, key)}")
+    iet = config.defense.iet_agc
+    if iet.shards < 1 or iet.local_steps < 1:
+        raise MemsafeError("defense.iet_agc.shards and local_steps must be at least 1")
+    if iet.agc_ratio is not None and iet.agc_ratio < 1.0:
+        raise MemsafeError(
+            f"defense.iet_agc.agc_ratio {iet.agc_ratio} < 1 would skip samples whose loss is above the running "
+            "mean, i.e. nearly every sample; use a value >= 1 (2.0 from scratch, 1.25 when fine-tuning)"
+        )
+    if not 0.0 < iet.redistribute_threshold <= 1.0:
+        raise MemsafeError(f"defense.iet_agc.redistribute_threshold must be in (0, 1], got {iet.redistribute_threshold}")
     if config.eval.num_samples <= 0:
         raise MemsafeError(f"eval.num_samples must be positive, got {config.eval.num_samples}")

@@ -20,14 +20,13 @@ from diffusers import DDPMPipeline
 
 from memsafe.config import RunConfig, config_from_dict
 from memsafe.data import load_dataset, load_images, split_holdout
-from memsafe.defenses import build_hooks
+from memsafe.defenses import build_trainer
 from memsafe.errors import MemsafeError
 from memsafe.metrics.evaluate import Evaluation, evaluate_samples
 from memsafe.models.sampling import generate
 from memsafe.models.unet import build_noise_scheduler, unet_class
 from memsafe.report.figures import save_image_grid, save_loss_curve, save_nearest_grid
-from memsafe.train.checkpoint import latest_checkpoint, load_checkpoint
-from memsafe.train.loop import Trainer
+from memsafe.train.checkpoint import latest_checkpoint
 
 RESUMABLE_CHANGES = {"train.max_steps", "output_dir"}
 
@@ -46,7 +45,7 @@ def read_status(run_dir: Path) -> dict:
 def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     flat = {}
     for key, value in values.items():
-        if isinstance(value, dict) and key != "params":
+        if isinstance(value, dict):
             flat |= _flatten(value, f"{prefix}{key}.")
         else:
             flat[f"{prefix}{key}"] = value
@@ -74,7 +73,7 @@ def train_run(config: RunConfig, progress: bool = True) -> Path:
     """Train (or resume) the run in `config.output_dir`; returns the run directory."""
     # Everything that can fail on bad input happens before the run directory is touched.
     train_set, _ = load_dataset(config.data)
-    trainer = Trainer(config, train_set, hooks=build_hooks(config, train_set))
+    trainer = build_trainer(config, train_set)
     run_dir = Path(config.output_dir)
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if (run_dir / "config.yaml").exists():
@@ -84,7 +83,7 @@ def train_run(config: RunConfig, progress: bool = True) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if checkpoint is not None:
-        load_checkpoint(trainer, checkpoint)
+        trainer.load_checkpoint(checkpoint)
     write_json(run_dir / "status.json", {"status": "running", "step": trainer.step})
     try:
         stats = trainer.fit(
@@ -106,7 +105,7 @@ def train_run(config: RunConfig, progress: bool = True) -> Path:
     return run_dir
 
 
-def save_pipeline(unet: torch.nn.Module, trainer: Trainer, path: Path) -> None:
+def save_pipeline(unet: torch.nn.Module, trainer, path: Path) -> None:
     """unet/ and scheduler/ in diffusers layout; for unconditional runs a loadable DDPMPipeline."""
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)

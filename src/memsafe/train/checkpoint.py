@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -47,50 +48,80 @@ def _join_state(tensors: dict[str, torch.Tensor], values: dict[str, Any], prefix
 
 
 def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as handle:
-            os.fsync(handle.fileno())
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+@contextmanager
+def atomic_checkpoint(root: Path, step: int, keep: int, accelerator):
+    """Yields a temporary folder (None on other processes) to fill; on success it is renamed to
+    `root/checkpoint-<step>` and older checkpoints beyond `keep` are pruned."""
+    final = root / f"{PREFIX}{step:08d}"
+    if not accelerator.is_main_process:
+        yield None
+        accelerator.wait_for_everyone()
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MemsafeError(f"could not write checkpoint {final}: {exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(root, keep)
+    accelerator.wait_for_everyone()
+
+
+def write_trainer_state(trainer, folder: Path) -> None:
+    """Model, EMA, optimizer, schedule, RNG, data position and hook state of one Trainer into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in trainer.unwrapped.state_dict().items()}, folder / "model.safetensors")
+    ema_state = None
+    if trainer.ema is not None:
+        ema_state = trainer.ema.state_dict()
+        shadow = {f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))}
+        save_file(shadow, folder / "ema.safetensors")
+    torch.save(trainer.optimizer.state_dict(), folder / "optimizer.pt")
+    write_state(folder / "hooks", trainer.hooks.state_dict())
+    save_file({"torch_cpu": torch.get_rng_state()}, folder / "rng.safetensors")
+    state = {
+        "step": trainer.step,
+        "batch_position": trainer.batch_position,
+        "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "ema": ema_state,
+    }
+    (folder / "trainer_state.json").write_text(json.dumps(state, default=_json_default))
+
+
+def write_state(stem: Path, state: dict[str, Any]) -> None:
+    """A nested dict of tensors and JSON values as `stem.safetensors` + `stem.json`."""
+    tensors, values = _split_state(state)
+    save_file(tensors or {"_empty": torch.zeros(0)}, stem.with_suffix(".safetensors"))
+    stem.with_suffix(".json").write_text(json.dumps(values, default=_json_default))
+
+
+def read_state(stem: Path) -> dict[str, Any]:
+    tensors = {k: v for k, v in load_file(stem.with_suffix(".safetensors")).items() if k != "_empty"}
+    return _join_state(tensors, json.loads(stem.with_suffix(".json").read_text()))
 
 
 def save_checkpoint(trainer, root: Path) -> Path:
-    """Write `root/checkpoint-<step>` atomically and prune to the configured number kept."""
-    accelerator = trainer.accelerator
-    final = root / f"{PREFIX}{trainer.step:08d}"
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            save_file({k: v.contiguous() for k, v in trainer.unwrapped.state_dict().items()}, tmp / "model.safetensors")
-            if trainer.ema is not None:
-                ema_state = trainer.ema.state_dict()
-                shadow = {f"shadow.{i}": p.detach().cpu().contiguous() for i, p in enumerate(ema_state.pop("shadow_params"))}
-                save_file(shadow, tmp / "ema.safetensors")
-            else:
-                ema_state = None
-            torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
-            hook_tensors, hook_values = _split_state(trainer.hooks.state_dict())
-            save_file(hook_tensors or {"_empty": torch.zeros(0)}, tmp / "hooks.safetensors")
-            save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-            state = {
-                "step": trainer.step,
-                "batch_position": trainer.batch_position,
-                "lr_scheduler": trainer.lr_scheduler.state_dict(),
-                "ema": ema_state,
-                "hooks": hook_values,
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, default=_json_default))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise MemsafeError(f"could not write checkpoint {final}: {exc}") from exc
-        _prune(root, trainer.config.train.checkpoints_total_limit)
-    accelerator.wait_for_everyone()
-    return final
+    """Write `root/checkpoint-<step>` for one Trainer, atomically."""
+    with atomic_checkpoint(root, trainer.step, trainer.config.train.checkpoints_total_limit, trainer.accelerator) as tmp:
+        if tmp is not None:
+            write_trainer_state(trainer, tmp)
+    return root / f"{PREFIX}{trainer.step:08d}"
 
 
 def _json_default(value: Any) -> Any:
@@ -120,8 +151,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(trainer, path: Path) -> None:
-    """Restore everything `save_checkpoint` wrote, so training continues as if never stopped."""
-    required = ["model.safetensors", "optimizer.pt", "trainer_state.json", "rng.safetensors", "hooks.safetensors"]
+    """Restore everything `write_trainer_state` wrote, so training continues as if never stopped."""
+    required = ["model.safetensors", "optimizer.pt", "trainer_state.json", "rng.safetensors", "hooks.safetensors", "hooks.json"]
     missing = [name for name in required if not (path / name).is_file()]
     if missing:
         raise MemsafeError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
@@ -137,8 +168,7 @@ def load_checkpoint(trainer, path: Path) -> None:
         ema_state["shadow_params"] = [shadow[f"shadow.{i}"] for i in range(len(shadow))]
         trainer.ema.load_state_dict(ema_state)
         trainer.ema.to(trainer.device)
-    hook_tensors = {k: v for k, v in load_file(path / "hooks.safetensors").items() if k != "_empty"}
-    trainer.hooks.load_state_dict(_join_state(hook_tensors, state["hooks"]))
+    trainer.hooks.load_state_dict(read_state(path / "hooks"))
     torch.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
     trainer.step = state["step"]
     trainer.batch_position = state["batch_position"]

@@ -35,6 +35,7 @@ class Trainer:
         hooks: list[TrainHook] | tuple[TrainHook, ...] = (),
         accelerator: Accelerator | None = None,
         unet: torch.nn.Module | None = None,
+        conditioner=None,
     ):
         train = config.train
         self.config = config
@@ -42,9 +43,9 @@ class Trainer:
         self.accelerator = accelerator or Accelerator(mixed_precision=train.mixed_precision)
         set_seed(train.seed)
         self.noise_scheduler = build_noise_scheduler(config.model)
-        self.conditioner = None
+        self.conditioner = conditioner
         cross_attention_dim = None
-        if config.model.conditioning == "text":
+        if config.model.conditioning == "text" and conditioner is None:
             from memsafe.models.text import CaptionConditioner, TextEncoder
 
             encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
@@ -142,8 +143,6 @@ class Trainer:
         on_checkpoint: Callable[[Path], None] | None = None,
     ) -> dict[str, float]:
         """Train until `max_steps` (default: the config's), checkpointing and logging on the way."""
-        from memsafe.train.checkpoint import save_checkpoint
-
         train = self.config.train
         max_steps = max_steps if max_steps is not None else train.max_steps
         if self.step == 0:
@@ -174,7 +173,7 @@ class Trainer:
                         log_file.write(json.dumps({"step": self.step, **self.last_log}) + "\n")
                         log_file.flush()
                 if checkpoint_dir is not None and (self.step % train.checkpoint_every == 0 or self.step == max_steps):
-                    path = save_checkpoint(self, checkpoint_dir)
+                    path = self.save_checkpoint(checkpoint_dir)
                     if on_checkpoint:
                         on_checkpoint(path)
         finally:
@@ -184,6 +183,16 @@ class Trainer:
         elapsed = time.perf_counter() - started
         steps_run = self.step - first_step
         return {"steps": self.step, "sec_per_step": elapsed / steps_run if steps_run else math.nan}
+
+    def save_checkpoint(self, root: Path) -> Path:
+        from memsafe.train.checkpoint import save_checkpoint
+
+        return save_checkpoint(self, root)
+
+    def load_checkpoint(self, path: Path) -> None:
+        from memsafe.train.checkpoint import load_checkpoint
+
+        load_checkpoint(self, path)
 
     def ema_or_model(self, use_ema: bool) -> torch.nn.Module:
         """A copy of the weights to sample from: the EMA shadow when asked and kept, else the model."""

@@ -1,4 +1,4 @@
-"""Seeded epoch-wise batches whose position is one integer, so a resumed run sees the same batches."""
+"""Seeded batches whose position is one integer, so a resumed run sees the same batches."""
 
 from __future__ import annotations
 
@@ -6,33 +6,39 @@ import torch
 
 
 class EpochBatches:
-    """Batch `k` of the run is a slice of the permutation of epoch k // batches_per_epoch.
+    """Batch `k` holds positions [k*B, (k+1)*B) of an endless stream of epochs, each epoch a fresh
+    permutation of `items` drawn from (seed, epoch).
 
-    Batches hold dataset indices drawn from `items` (all of the dataset, or one shard of it). Every
-    epoch draws a fresh permutation from (seed, epoch); the last incomplete batch is dropped. Under
-    data parallelism each process takes its rank's share of every batch.
+    Items are dataset indices (all of the dataset, or one shard of it). A batch may span two epochs, and
+    when `items` is smaller than the batch size it holds several epochs, so the batch size, and with it
+    the number of samples per step, never depends on the subset. Under data parallelism each process
+    takes its rank's share of every batch.
     """
 
     def __init__(self, items: torch.Tensor, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         if len(items) == 0:
             raise ValueError("cannot draw batches from an empty dataset")
         self.items = torch.as_tensor(items, dtype=torch.long)
-        self.batch_size = min(batch_size, len(self.items))
-        self.batches_per_epoch = len(self.items) // self.batch_size
+        self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self._cached_epoch = -1
-        self._permutation = torch.empty(0, dtype=torch.long)
+        self._cache: dict[int, torch.Tensor] = {}
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._cached_epoch:
+        if epoch not in self._cache:
+            if len(self._cache) > 8:
+                self._cache.clear()
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._permutation = self.items[torch.randperm(len(self.items), generator=generator)]
-            self._cached_epoch = epoch
-        return self._permutation
+            self._cache[epoch] = self.items[torch.randperm(len(self.items), generator=generator)]
+        return self._cache[epoch]
 
     def batch(self, position: int) -> torch.Tensor:
-        epoch, slot = divmod(position, self.batches_per_epoch)
-        indices = self.permutation(epoch)[slot * self.batch_size : (slot + 1) * self.batch_size]
+        n = len(self.items)
+        stream = torch.arange(position * self.batch_size, (position + 1) * self.batch_size)
+        epochs, offsets = stream // n, stream % n
+        indices = torch.empty(self.batch_size, dtype=torch.long)
+        for epoch in epochs.unique().tolist():
+            mask = epochs == epoch
+            indices[mask] = self.permutation(epoch)[offsets[mask]]
         return indices[self.rank :: self.world_size]

@@ -1,0 +1,97 @@
+"""IET-AGC+ against plain training: same data, same samples seen, same seeds.
+
+Runs every variant for each seed (interleaved, so machine drift hits all variants alike), evaluates each
+with the same feature network, and writes bench/results/iet.json (seed means and standard deviations per
+variant) and bench/results/iet.md. Usage: python bench/iet.py [--seeds 3] [--steps N] [--variants a,b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from memsafe.cli import demo_config_path
+from memsafe.config import load_config, merge
+from memsafe.runs import evaluate_run, train_run
+
+RESULTS = Path(__file__).parent / "results"
+IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
+VARIANTS = {
+    "plain": {"defense.name": "none"},
+    "iet": IET | {"defense.iet_agc.agc": False, "defense.iet_agc.redistribute": False, "defense.iet_agc.augment": False},
+    "iet_agc": IET | {"defense.iet_agc.redistribute": False, "defense.iet_agc.augment": False},
+    "iet_agc_redistribute": IET | {"defense.iet_agc.augment": False},
+    "iet_agc_plus": IET,
+}
+METRICS = ("memorized_fraction", "copy_fraction", "fid", "wall_s")
+
+
+def run_variant(name: str, seed: int, steps: int | None, root: Path) -> dict:
+    overrides = VARIANTS[name] | {"train.seed": seed, "output_dir": str(root / f"{name}-{seed}")}
+    if steps:
+        overrides["train.max_steps"] = steps
+    config = merge(load_config(demo_config_path()), overrides)
+    started = time.perf_counter()
+    run_dir = train_run(config, progress=sys.stderr.isatty())
+    wall = time.perf_counter() - started
+    metrics = evaluate_run(run_dir, progress=False).metrics
+    return {"seed": seed, "wall_s": wall, **{k: metrics[k] for k in METRICS if k != "wall_s"},
+            "nn_ratio_median": metrics["nn_ratio_median"], "steps": metrics["train_steps"]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for key in METRICS:
+        values = [r[key] for r in runs]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    out["seeds"] = [r["seed"] for r in runs]
+    out["runs"] = runs
+    return out
+
+
+def markdown(results: dict) -> str:
+    plain = results.get("plain")
+    lines = [
+        "| variant | memorized (NN ratio < 1/3) | vs plain | copy fraction | FID (domain) | FID vs plain | wall s | wall vs plain |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        rel = lambda key: f"{(r[key] / plain[key] - 1) * 100:+.0f} %" if plain and plain[key] else "-"  # noqa: E731
+        lines.append(
+            f"| {name} | {r['memorized_fraction']:.3f} ± {r['memorized_fraction_std']:.3f} | {rel('memorized_fraction')} "
+            f"| {r['copy_fraction']:.3f} ± {r['copy_fraction_std']:.3f} | {r['fid']:.3f} ± {r['fid_std']:.3f} "
+            f"| {rel('fid')} | {r['wall_s']:.0f} ± {r['wall_s_std']:.0f} | {rel('wall_s')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, help="override train.max_steps (default: the demo's)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--out", default=str(RESULTS / "iet.json"))
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            for name in names:
+                runs[name].append(run_variant(name, seed, args.steps, Path(tmp)))
+                print(json.dumps({"variant": name, **runs[name][-1]}), flush=True)
+                results = {n: summarize(r) for n, r in runs.items() if r}
+                out.write_text(json.dumps(results, indent=2) + "\n")
+                out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from memsafe.cli import main
+from memsafe.config import merge
+from memsafe.data import load_dataset
+from memsafe.defenses import build_trainer
+from memsafe.defenses.iet_agc import (
+    AntiGradientControl,
+    IETTrainer,
+    LossBank,
+    SampleLedger,
+    aggregate_states,
+    augment_batch,
+    augmentation_strength,
+    redistribute,
+    split_shards,
+)
+from memsafe.config import IETConfig
+from memsafe.errors import MemsafeError
+from tests.conftest import tiny_config_dict
+
+IET = {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 5}}
+
+
+def test_shard_split_is_a_balanced_partition():
+    assignment = split_shards(103, 10, seed=0)
+    assert assignment.shape == (103,)
+    sizes = torch.bincount(assignment, minlength=10)
+    assert sizes.sum() == 103 and sizes.max() - sizes.min() <= 1
+    assert torch.equal(assignment, split_shards(103, 10, seed=0))
+    assert not torch.equal(assignment, split_shards(103, 10, seed=1))
+    with pytest.raises(MemsafeError, match="shards 11 is larger than the number of training images \\(10\\)"):
+        split_shards(10, 11, seed=0)
+
+
+def test_aggregating_identical_proxies_returns_them_and_weights_by_shard_size():
+    a = {"w": torch.tensor([1.0, 2.0]), "count": torch.tensor(3)}
+    assert torch.equal(aggregate_states([a, a, a], [1.0, 5.0, 2.0])["w"], a["w"])
+    b = {"w": torch.tensor([4.0, 8.0]), "count": torch.tensor(7)}
+    mixed = aggregate_states([a, b], [1.0, 2.0])
+    assert torch.allclose(mixed["w"], torch.tensor([3.0, 6.0]))
+    assert mixed["count"].item() == 3  # integer buffers are not averaged
+
+
+def test_real_proxies_aggregate_to_their_weighted_mean(tiny_config):
+    config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 3, "defense.iet_agc.local_steps": 3})
+    train_set, _ = load_dataset(config.data)
+    trainer = IETTrainer(config, train_set)
+    for k, proxy in enumerate(trainer.proxies):
+        proxy.use_subset(trainer.shard_members(k), seed=k)
+        proxy.train_step()
+        proxy.train_step()
+    states = [{k: v.clone() for k, v in p.unwrapped.state_dict().items()} for p in trainer.proxies]
+    sizes = [len(trainer.shard_members(k)) for k in range(3)]
+    trainer.aggregate()
+    name = "conv_in.weight"
+    expected = sum(s[name] * n for s, n in zip(states, sizes)) / sum(sizes)
+    for proxy in trainer.proxies:
+        assert torch.allclose(proxy.unwrapped.state_dict()[name], expected, atol=1e-6)
+
+
+def test_planted_low_loss_sample_is_skipped_then_reassigned():
+    ledger = SampleLedger(6)
+    bank = LossBank(num_timesteps=10, decay=0.8)
+    bank.values.fill_(1.0)
+    agc = AntiGradientControl(bank, ledger, ratio=2.0)
+    index = torch.tensor([0, 1, 2])
+    timesteps = torch.tensor([3, 3, 4])
+    for _ in range(4):
+        weights = agc.on_losses(torch.tensor([1.2, 0.01, 0.9]), {"index": index, "timesteps": timesteps}, None)
+        assert weights.tolist() == [1.0, 0.0, 1.0]  # 0.01 < 1.0 / 2: skipped; 0.9 >= 0.5: kept
+    # The bank follows every sample, skipped ones included, sequentially.
+    assert 0.0 < bank.values[3].item() < 1.0 and bank.values[5].item() == 1.0
+    assert ledger.skips.tolist() == [0, 4, 0, 0, 0, 0] and ledger.visits[:3].tolist() == [4, 4, 4]
+    assignment = torch.tensor([0, 0, 0, 1, 1, 1])
+    moved = redistribute(assignment, ledger.round_skip_rate(), threshold=0.5, shards=2)
+    assert moved == 1 and assignment.tolist() == [0, 1, 0, 1, 1, 1]
+
+
+def test_bank_starting_at_zero_skips_nothing_at_first():
+    agc = AntiGradientControl(LossBank(10, 0.8), SampleLedger(2), ratio=2.0)
+    weights = agc.on_losses(torch.tensor([1e-6, 1e-6]), {"index": torch.tensor([0, 1]), "timesteps": torch.tensor([1, 2])}, None)
+    assert weights.tolist() == [1.0, 1.0]
+
+
+def test_redistribution_never_empties_a_shard():
+    assignment = torch.tensor([0, 1, 2])
+    assert redistribute(assignment, torch.ones(3, dtype=torch.float64), threshold=0.5, shards=3) == 0
+    assert torch.bincount(assignment).tolist() == [1, 1, 1]
+
+
+def test_augmentation_strength_is_monotone_in_loss():
+    relative = torch.linspace(0.0, 2.0, 201)
+    strength = augmentation_strength(relative, ratio=2.0)
+    assert (strength[1:] <= strength[:-1]).all()  # a lower loss never gets weaker augmentation
+    assert strength[relative <= 0.5].eq(1.0).all() and strength[relative >= 1.0].eq(0.0).all()
+    assert augmentation_strength(torch.tensor([math.inf]), 2.0).item() == 0.0
+
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 16, 16) * 2 - 1
+    config = IETConfig()
+    assert torch.equal(augment_batch(images, torch.zeros(64), config), images)
+    change = [(augment_batch(images, torch.full((64,), s), config) - images).abs().mean().item() for s in (0.25, 1.0)]
+    assert 0 < change[0] < change[1]
+    torch.manual_seed(1)
+    first = augment_batch(images, torch.full((64,), 0.5), config)
+    torch.manual_seed(1)
+    assert torch.equal(first, augment_batch(images, torch.full((64,), 0.5), config))  # reproducible
+
+
+def test_iet_run_spends_the_same_sample_budget_and_resumes_exactly(tiny_config, tmp_path):
+    config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 2,
+                                 "defense.iet_agc.local_steps": 5, "train.max_steps": 30,
+                                 "train.checkpoint_every": 10, "train.ema": True, "train.checkpoints_total_limit": 5})
+    train_set, _ = load_dataset(config.data)
+    straight = build_trainer(config, train_set)
+    assert isinstance(straight, IETTrainer)
+    stats = straight.fit(checkpoint_dir=tmp_path / "a", progress=False)
+    assert straight.samples_seen == 30 * 16 and straight.step == 30 and stats["rounds"] == 3
+    assert straight.ledger.visits.sum() == 30 * 16
+
+    resumed = build_trainer(config, train_set)
+    checkpoints = sorted((tmp_path / "a").iterdir())
+    first = [c for c in checkpoints if c.name.endswith("00000010")]
+    assert first, [c.name for c in checkpoints]
+    resumed.load_checkpoint(first[0])
+    assert resumed.round == 1
+    resumed.fit(progress=False)
+    assert resumed.step == straight.step and torch.equal(resumed.assignment, straight.assignment)
+    for a, b in zip(straight.global_trainer.unwrapped.parameters(), resumed.global_trainer.unwrapped.parameters()):
+        assert torch.equal(a, b) if a.device.type == "cpu" else torch.allclose(a, b, atol=1e-5)
+    assert torch.equal(straight.ledger.skips, resumed.ledger.skips)
+
+
+def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
+    values = tiny_config_dict(tmp_path / "run", defense=IET, train={"max_steps": 20})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {row["shard"] for row in rows} == {0, 1} and all("skip_rate" in row for row in rows)
+    assert main(["evaluate", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["defense"] == "iet_agc"
+
+
+@pytest.mark.parametrize(
+    "defense, message",
+    [
+        ({"name": "iet_agc", "iet_agc": {"shards": 500}}, "shards 500 is larger than the number of training images"),
+        ({"name": "iet_agc", "iet_agc": {"agc_ratio": 0.5}}, "agc_ratio 0.5 < 1 would skip"),
+        ({"name": "iet_agc+nonsense"}, "unknown defense 'nonsense'"),
+    ],
+)
+def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "run", defense=defense)))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
