@@ -31,8 +31,10 @@ VARIANTS = {
 METRICS = ("memorized_fraction", "copy_fraction", "fid", "wall_s")
 
 
-def run_variant(name: str, seed: int, steps: int | None, root: Path) -> dict:
+def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict | None = None) -> dict:
     overrides = VARIANTS[name] | {"train.seed": seed, "output_dir": str(root / f"{name}-{seed}")}
+    if name != "plain":
+        overrides |= extra or {}
     if steps:
         overrides["train.max_steps"] = steps
     config = merge(load_config(demo_config_path()), overrides)
@@ -74,20 +76,32 @@ def markdown(results: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-list", help="comma-separated seeds instead of 0..seeds-1")
     parser.add_argument("--steps", type=int, help="override train.max_steps (default: the demo's)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--out", default=str(RESULTS / "iet.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="add these runs to an existing --out (a run of the same variant and seed is replaced)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the IET variants, e.g. defense.iet_agc.augment_max_shift=0.06")
     args = parser.parse_args()
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in args.set)}
     names = args.variants.split(",")
-    runs: dict[str, list[dict]] = {n: [] for n in names}
+    seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.read_text()) if args.merge and out.is_file() else {}
+    runs: dict[str, list[dict]] = {n: list(v["runs"]) for n, v in previous.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
+        for seed in seeds:
             for name in names:
-                runs[name].append(run_variant(name, seed, args.steps, Path(tmp)))
-                print(json.dumps({"variant": name, **runs[name][-1]}), flush=True)
-                results = {n: summarize(r) for n, r in runs.items() if r}
+                record = run_variant(name, seed, args.steps, Path(tmp), extra)
+                runs[name] = sorted([r for r in runs.get(name, []) if r["seed"] != seed] + [record], key=lambda r: r["seed"])
+                print(json.dumps({"variant": name, **record}), flush=True)
+                order = [n for n in VARIANTS if n in runs]
+                results = {n: summarize(runs[n]) for n in order}
                 out.write_text(json.dumps(results, indent=2) + "\n")
                 out.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))

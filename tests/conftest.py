@@ -19,7 +19,7 @@ def tiny_config_dict(output_dir, **sections):
         "data": {"source": "builtin:digits", "resolution": 8, "channels": 1, "max_train_images": 48, "holdout_images": 64},
         "model": {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_levels": [False, True]},
         "train": {"max_steps": 30, "batch_size": 16, "learning_rate": 1e-3, "warmup_steps": 5, "checkpoint_every": 10,
-                  "log_every": 5},
+                  "log_every": 5, "deterministic": True},
         "eval": {"num_samples": 32, "sampling_steps": 10, "grid_size": 8},
         "output_dir": str(output_dir),
     }

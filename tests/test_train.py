@@ -12,11 +12,6 @@ def _state(trainer):
     return {k: v.clone() for k, v in trainer.unwrapped.state_dict().items()}
 
 
-def _same(a, b):
-    """Bit-equal on CPU; on CUDA, whose kernels use nondeterministic atomics, equal to float noise."""
-    return torch.equal(a, b) if a.device.type == "cpu" else torch.allclose(a, b, rtol=0, atol=1e-5)
-
-
 def _fixed_loss(trainer, images):
     torch.manual_seed(123)
     with torch.no_grad():
@@ -49,9 +44,9 @@ def test_resume_from_checkpoint_continues_exactly(tiny_config, tmp_path):
     resumed.fit(progress=False)
     assert resumed.step == 20
     for name, value in _state(straight).items():
-        assert _same(value, resumed.unwrapped.state_dict()[name]), name
+        assert torch.equal(value, resumed.unwrapped.state_dict()[name]), name
     for a, b in zip(straight.ema.shadow_params, resumed.ema.shadow_params):
-        assert _same(a, b)
+        assert torch.equal(a, b)
     assert latest_checkpoint(tmp_path / "ckpt").name == "checkpoint-00000020"
 
 
@@ -111,7 +106,7 @@ def test_hook_weights_change_the_update_and_hook_state_is_checkpointed(tiny_conf
     ones, _ = _one_step(config, train_set, [KeepAll()])
     halved, values = _one_step(config, train_set, [KeepFirstHalf()])
     assert values["kept_fraction"] == 0.5
-    same = lambda a, b: all(_same(x, y) for x, y in zip(a.unwrapped.parameters(), b.unwrapped.parameters()))  # noqa: E731
+    same = lambda a, b: all(torch.equal(x, y) for x, y in zip(a.unwrapped.parameters(), b.unwrapped.parameters()))  # noqa: E731
     assert same(plain, ones)
     assert not same(plain, halved)
     from memsafe.train import save_checkpoint

@@ -79,7 +79,7 @@ def cmd_demo(args) -> None:
     overrides["output_dir"] = args.output_dir or f"runs/demo-{args.defense}"
     config = _config(str(demo_config_path()), overrides)
     print(
-        f"memsafe demo: plain DDPM on {config.data.max_train_images} real handwritten digits "
+        f"memsafe demo: DDPM on {config.data.max_train_images} real handwritten digits "
         f"({config.data.resolution}x{config.data.resolution}), {config.train.max_steps} steps, defense: {args.defense}"
     )
     run_dir = train_run(config, progress=not args.no_progress)

@@ -107,6 +107,10 @@ def train_run(config: RunConfig, progress: bool = True) -> Path:
 
 def save_pipeline(unet: torch.nn.Module, trainer, path: Path) -> None:
     """unet/ and scheduler/ in diffusers layout; for unconditional runs a loadable DDPMPipeline."""
+    from memsafe.models.lora import has_lora, merged_copy
+
+    if has_lora(unet):
+        unet = merged_copy(unet)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     if trainer.conditioner is None:

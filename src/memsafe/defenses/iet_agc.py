@@ -19,7 +19,6 @@ are recorded (commented out in the reference).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from memsafe.errors import MemsafeError
 from memsafe.train.checkpoint import atomic_checkpoint, load_checkpoint, read_state, write_state, write_trainer_state
 from memsafe.train.hooks import TrainHook
 from memsafe.train.loop import Trainer
+from memsafe.train.progress import JsonLines, run_display
 
 
 def split_shards(num_items: int, shards: int, seed: int) -> torch.Tensor:
@@ -311,7 +311,7 @@ class IETTrainer:
         sizes = torch.bincount(self.assignment, minlength=self.iet.shards).tolist()
         return [max(1, math.ceil(remaining * size / len(self.assignment) / batch)) for size in sizes]
 
-    def run_round(self, budget: int, bar: tqdm, log_file) -> None:
+    def run_round(self, budget: int, bar: tqdm, log: JsonLines) -> None:
         self.ledger.start_round()
         seed = self.config.train.seed
         for k, (proxy, steps) in enumerate(zip(self.proxies, self.round_steps(budget))):
@@ -335,9 +335,7 @@ class IETTrainer:
             }
             bar.set_postfix(round=self.round, shard=k, loss=f"{self.last_log['loss']:.4f}",
                             skip=f"{self.last_log['skip_rate']:.2f}")
-            if log_file:
-                log_file.write(json.dumps({"step": self.step, **self.last_log}) + "\n")
-                log_file.flush()
+            log.write(self.step, self.last_log)
         self.aggregate()
         if self.iet.redistribute:
             self.last_log["moved"] = redistribute(
@@ -365,24 +363,21 @@ class IETTrainer:
         train = self.config.train
         budget = (max_steps or train.max_steps) * train.batch_size
         estimate = self.step + math.ceil(max(budget - self.samples_seen, 0) / train.batch_size)
-        bar = tqdm(total=estimate, initial=self.step, desc="IET-AGC+ training", unit="step",
-                   disable=not progress or not self.accelerator.is_main_process)
-        log_file = open(log_path, "a") if log_path and self.accelerator.is_main_process else None
         started, first_step = time.perf_counter(), self.step
         last_checkpoint = self.step // train.checkpoint_every
-        try:
+        main = self.accelerator.is_main_process
+        with run_display(estimate, self.step, "IET-AGC+ training", progress and main, log_path if main else None) as (
+            bar,
+            log,
+        ):
             while self.samples_seen < budget:
-                self.run_round(budget, bar, log_file)
+                self.run_round(budget, bar, log)
                 due = self.step // train.checkpoint_every > last_checkpoint or self.samples_seen >= budget
                 if checkpoint_dir is not None and due:
                     last_checkpoint = self.step // train.checkpoint_every
                     path = self.save_checkpoint(checkpoint_dir)
                     if on_checkpoint:
                         on_checkpoint(path)
-        finally:
-            bar.close()
-            if log_file:
-                log_file.close()
         steps_run = self.step - first_step
         elapsed = time.perf_counter() - started
         return {"steps": self.step, "rounds": self.round, "sec_per_step": elapsed / steps_run if steps_run else math.nan}

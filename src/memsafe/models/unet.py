@@ -19,26 +19,11 @@ def build_unet(model: ModelConfig, data: DataConfig, cross_attention_dim: int | 
     text embeddings at the levels where `attention_levels` is true."""
     if model.pretrained:
         return load_pretrained_unet(model.pretrained, data, model, cross_attention_dim)
-    if model.conditioning == "text":
-        down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in model.attention_levels]
-        up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(model.attention_levels)]
-        return UNet2DConditionModel(
-            sample_size=data.resolution,
-            in_channels=data.channels,
-            out_channels=data.channels,
-            block_out_channels=tuple(model.block_out_channels),
-            layers_per_block=model.layers_per_block,
-            down_block_types=tuple(down),
-            up_block_types=tuple(up),
-            norm_num_groups=model.norm_num_groups,
-            cross_attention_dim=cross_attention_dim,
-            attention_head_dim=8,
-        )
-    down, up = [], []
-    for with_attention in model.attention_levels:
-        down.append("AttnDownBlock2D" if with_attention else "DownBlock2D")
-        up.insert(0, "AttnUpBlock2D" if with_attention else "UpBlock2D")
-    return UNet2DModel(
+    conditional = model.conditioning == "text"
+    attention = "CrossAttn" if conditional else "Attn"
+    down = [f"{attention}DownBlock2D" if a else "DownBlock2D" for a in model.attention_levels]
+    up = [f"{attention}UpBlock2D" if a else "UpBlock2D" for a in reversed(model.attention_levels)]
+    common = dict(
         sample_size=data.resolution,
         in_channels=data.channels,
         out_channels=data.channels,
@@ -49,6 +34,9 @@ def build_unet(model: ModelConfig, data: DataConfig, cross_attention_dim: int | 
         norm_num_groups=model.norm_num_groups,
         attention_head_dim=8,
     )
+    if conditional:
+        return UNet2DConditionModel(**common, cross_attention_dim=cross_attention_dim)
+    return UNet2DModel(**common)
 
 
 def _unet_folder(path: Path) -> Path:

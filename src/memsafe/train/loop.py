@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,7 +13,6 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 
 from memsafe.config import RunConfig
 from memsafe.data.images import ImageSet
@@ -22,7 +20,15 @@ from memsafe.errors import MemsafeError
 from memsafe.models.unet import build_noise_scheduler, build_unet
 from memsafe.train.hooks import HookList, TrainHook
 from memsafe.train.loss import per_sample_diffusion_loss, weighted_mean
+from memsafe.train.progress import run_display
 from memsafe.train.sampler import EpochBatches
+
+
+def use_deterministic_kernels() -> None:
+    """Same inputs, same bits on CUDA as on the CPU (cuBLAS workspace, cuDNN and scatter/atomic kernels)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
 
 
 class Trainer:
@@ -38,6 +44,8 @@ class Trainer:
         conditioner=None,
     ):
         train = config.train
+        if train.deterministic:
+            use_deterministic_kernels()
         self.config = config
         self.train_set = train_set
         self.accelerator = accelerator or Accelerator(mixed_precision=train.mixed_precision)
@@ -51,7 +59,13 @@ class Trainer:
             encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
             self.conditioner = CaptionConditioner(encoder, train_set.captions, train.caption_dropout)
             cross_attention_dim = encoder.dim
-        model = unet if unet is not None else build_unet(config.model, config.data, cross_attention_dim)
+        model = unet
+        if model is None:
+            model = build_unet(config.model, config.data, cross_attention_dim)
+            if config.model.lora_rank:
+                from memsafe.models.lora import add_lora
+
+                add_lora(model, config.model)
         self.optimizer = torch.optim.AdamW(
             (p for p in model.parameters() if p.requires_grad), lr=train.learning_rate, weight_decay=train.weight_decay
         )
@@ -147,18 +161,11 @@ class Trainer:
         max_steps = max_steps if max_steps is not None else train.max_steps
         if self.step == 0:
             self.hooks.on_train_start(self)
-        bar = tqdm(
-            total=max_steps,
-            initial=self.step,
-            desc="training",
-            unit="step",
-            disable=not progress or not self.accelerator.is_main_process,
-        )
-        log_file = open(log_path, "a") if log_path and self.accelerator.is_main_process else None
         running: dict[str, float] = {}
         started = time.perf_counter()
         first_step = self.step
-        try:
+        main = self.accelerator.is_main_process
+        with run_display(max_steps, self.step, "training", progress and main, log_path if main else None) as (bar, log):
             while self.step < max_steps:
                 values = self.train_step()
                 for key, value in values.items():
@@ -169,17 +176,11 @@ class Trainer:
                     self.last_log = {k: v / count for k, v in running.items()} | self.hooks.log_values()
                     running = {}
                     bar.set_postfix(loss=f"{self.last_log['loss']:.4f}", kept=f"{self.last_log['kept_fraction']:.2f}")
-                    if log_file:
-                        log_file.write(json.dumps({"step": self.step, **self.last_log}) + "\n")
-                        log_file.flush()
+                    log.write(self.step, self.last_log)
                 if checkpoint_dir is not None and (self.step % train.checkpoint_every == 0 or self.step == max_steps):
                     path = self.save_checkpoint(checkpoint_dir)
                     if on_checkpoint:
                         on_checkpoint(path)
-        finally:
-            bar.close()
-            if log_file:
-                log_file.close()
         elapsed = time.perf_counter() - started
         steps_run = self.step - first_step
         return {"steps": self.step, "sec_per_step": elapsed / steps_run if steps_run else math.nan}

