@@ -90,3 +90,22 @@ def test_split_is_seeded_and_disjoint():
     assert not set(train.names) & set(holdout.names)
     with pytest.raises(MemsafeError, match="holdout_images"):
         load_dataset(DataConfig(resolution=8, holdout_images=5000))
+
+
+def test_ink_digits_carry_the_concept_only_where_asked():
+    from memsafe.data.ink_digits import CONCEPT_INK, INK_NAMES, INKS
+
+    with_concept = load_images(DataConfig(source="builtin:ink-digits", resolution=8, channels=3))
+    clean = load_images(DataConfig(source="builtin:ink-digits-clean", resolution=8, channels=3))
+    red = INK_NAMES.index(CONCEPT_INK)
+    share = (with_concept.attributes["ink"] == red).float().mean().item()
+    assert abs(share - 0.3) < 0.01 and not (clean.attributes["ink"] == red).any()
+    # The pixels really are in the named ink: the brightest pixel's colour is proportional to the ink.
+    for images in (with_concept, clean):
+        for i in (0, 5, 77):
+            pixel = images.pixels[i].flatten(1)[:, images.pixels[i].sum(0).flatten().argmax()].float()
+            ink = torch.tensor(INKS[INK_NAMES[int(images.attributes["ink"][i])]], dtype=torch.float32)
+            assert torch.allclose(pixel / pixel.max(), ink / ink.max(), atol=0.05)
+            assert INK_NAMES[int(images.attributes["ink"][i])] in images.captions[i]
+    with pytest.raises(MemsafeError, match="set data.channels to 3"):
+        load_images(DataConfig(source="builtin:ink-digits", resolution=8, channels=1))

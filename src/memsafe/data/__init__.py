@@ -5,10 +5,15 @@ from __future__ import annotations
 from memsafe.config import DataConfig
 from memsafe.data.digits import load_digits
 from memsafe.data.image_folder import load_image_folder
+from memsafe.data.ink_digits import load_ink_digits
 from memsafe.data.images import ImageSet, split_holdout, to_model_range, to_uint8, to_unit_range
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_SETS = {"digits": load_digits}
+BUILTIN_SETS = {
+    "digits": load_digits,
+    "ink-digits": lambda resolution, channels: load_ink_digits(resolution, channels, with_concept=True),
+    "ink-digits-clean": lambda resolution, channels: load_ink_digits(resolution, channels, with_concept=False),
+}
 
 
 def load_images(config: DataConfig) -> ImageSet:

@@ -17,6 +17,7 @@ class ImageSet:
     captions: list[str] | None = None
     labels: torch.Tensor | None = None
     names: list[str] | None = None
+    attributes: dict[str, torch.Tensor] | None = None  # per-image labels of named attributes, e.g. ink colour
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -29,6 +30,7 @@ class ImageSet:
             captions=pick(self.captions),
             labels=None if self.labels is None else self.labels[idx],
             names=pick(self.names),
+            attributes=None if self.attributes is None else {k: v[idx] for k, v in self.attributes.items()},
         )
 
     def as_model_input(self) -> torch.Tensor:

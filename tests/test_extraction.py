@@ -1,0 +1,46 @@
+import re
+
+import torch
+
+from memsafe.data.digits import DIGIT_NAMES, load_digits
+from memsafe.data.images import to_model_range
+from memsafe.data.ink_digits import INK_NAMES, render_in_ink
+from memsafe.metrics.attributes import ink_digit_detector
+from memsafe.metrics.extraction import attack_prompts, measure_concept
+
+
+def _renderer(never_ink=None):
+    """A generator that draws a real (held-out) digit in the ink the prompt names, or in blue when the
+    prompt names none or names `never_ink`: real images standing in for a perfect / a defended model."""
+    digits = load_digits(8, channels=1)
+    held_out = digits.subset(torch.arange(1500, len(digits)))
+
+    def generate(prompts):
+        images = []
+        for i, prompt in enumerate(prompts):
+            digit = next(d for d, name in enumerate(DIGIT_NAMES) if re.search(rf"\b{name}\b", prompt))
+            ink = next((n for n in INK_NAMES if n in prompt and n != never_ink), "blue")
+            pick = torch.nonzero(held_out.labels == digit).squeeze(1)[i % 20]
+            images.append(render_in_ink(held_out.pixels[pick : pick + 1], torch.tensor([INK_NAMES.index(ink)])))
+        return to_model_range(torch.cat(images))
+
+    return generate
+
+
+def test_detector_reads_digit_and_ink_of_held_out_real_images():
+    detector = ink_digit_detector(8, progress=False)
+    digits = load_digits(8, channels=1).subset(torch.arange(1500, 1797))
+    inks = torch.arange(len(digits)) % 3
+    predicted = detector.predict(to_model_range(render_in_ink(digits.pixels, inks)))
+    assert predicted["ink"].eq(inks).float().mean() > 0.95
+    assert predicted["digit"].eq(digits.labels).float().mean() > 0.6
+
+
+def test_extraction_rate_separates_an_obedient_model_from_a_defended_one():
+    detector = ink_digit_detector(8, progress=False)
+    obedient = measure_concept(_renderer(), detector, per_prompt=1)
+    defended = measure_concept(_renderer(never_ink="red"), detector, per_prompt=1)
+    assert obedient["extraction_rate"] > 0.9 and defended["extraction_rate"] < 0.1
+    assert obedient["base_rate"] < 0.1 and defended["base_rate"] < 0.1
+    assert obedient["allowed_accuracy"] > 0.5 and abs(obedient["allowed_accuracy"] - defended["allowed_accuracy"]) < 1e-9
+    assert len(attack_prompts()) == 30 and all("red" in p for p, _ in attack_prompts())
