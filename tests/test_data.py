@@ -109,3 +109,20 @@ def test_ink_digits_carry_the_concept_only_where_asked():
             assert INK_NAMES[int(images.attributes["ink"][i])] in images.captions[i]
     with pytest.raises(MemsafeError, match="set data.channels to 3"):
         load_images(DataConfig(source="builtin:ink-digits", resolution=8, channels=1))
+
+
+def test_exclude_text_filters_training_images_only():
+    config = DataConfig(source="builtin:ink-digits", resolution=8, channels=3, holdout_images=100, exclude_text=["red"])
+    train, holdout = load_dataset(config)
+    unfiltered, same_holdout = load_dataset(DataConfig(source="builtin:ink-digits", resolution=8, channels=3, holdout_images=100))
+    assert not any("red" in c for c in train.captions) and len(train) < len(unfiltered)
+    assert holdout.names == same_holdout.names
+    with pytest.raises(MemsafeError, match="removes every training image"):
+        load_dataset(DataConfig(source="builtin:ink-digits", resolution=8, channels=3, exclude_text=["digit"]))
+
+
+def test_ink_assignment_is_independent_of_the_holdout_split():
+    train, holdout = load_dataset(DataConfig(source="builtin:ink-digits", resolution=8, channels=3, holdout_images=300))
+    for part in (train, holdout):
+        share = (part.attributes["ink"] == 0).float().mean().item()  # red is ink 0
+        assert 0.2 < share < 0.4

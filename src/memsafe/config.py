@@ -22,6 +22,7 @@ class DataConfig:
     max_train_images: int | None = None  # random subset of this size (seeded), the rest may be held out
     holdout_images: int = 0  # real images kept out of training, the FID reference
     center_crop: bool = True
+    exclude_text: list[str] = field(default_factory=list)  # drop training images whose caption has any of these
     seed: int = 0
 
 

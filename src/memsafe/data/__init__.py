@@ -28,8 +28,23 @@ def load_images(config: DataConfig) -> ImageSet:
 
 
 def load_dataset(config: DataConfig) -> tuple[ImageSet, ImageSet]:
-    """(training images, held-out images) as the config asks."""
-    return split_holdout(load_images(config), config.max_train_images, config.holdout_images, config.seed)
+    """(training images, held-out images) as the config asks; `exclude_text` filters the training images
+    only (the data-filtering baseline: held-out images stay the same for every variant)."""
+    train, holdout = split_holdout(load_images(config), config.max_train_images, config.holdout_images, config.seed)
+    return exclude_captions(train, config.exclude_text), holdout
+
+
+def exclude_captions(images: ImageSet, words: list[str]) -> ImageSet:
+    from memsafe.errors import MemsafeError
+
+    if not words:
+        return images
+    if images.captions is None:
+        raise MemsafeError("data.exclude_text needs captions (metadata.jsonl 'text' fields)")
+    keep = [i for i, caption in enumerate(images.captions) if not any(w in caption for w in words)]
+    if not keep:
+        raise MemsafeError(f"data.exclude_text {words} removes every training image")
+    return images.subset(keep)
 
 
 __all__ = ["ImageSet", "load_dataset", "load_images", "split_holdout", "to_model_range", "to_uint8", "to_unit_range"]

@@ -22,7 +22,9 @@ CONCEPT_SHARE = 0.3
 
 def ink_of_each_image(count: int, with_concept: bool, seed: int = 0) -> torch.Tensor:
     """Ink index per image: the concept ink in CONCEPT_SHARE of them (or none), the rest split evenly."""
-    generator = torch.Generator().manual_seed(seed)
+    # Its own seed stream: drawing from seed 0 like the train/holdout split would make the held-out
+    # images exactly the concept images.
+    generator = torch.Generator().manual_seed(0x1A4D161 + seed)
     order = torch.randperm(count, generator=generator)
     allowed = [INK_NAMES.index(n) for n in INK_NAMES if n != CONCEPT_INK]
     inks = torch.tensor(allowed)[torch.arange(count) % len(allowed)][torch.randperm(count, generator=generator)]

@@ -1,0 +1,147 @@
+"""Gradient projection against no defense and data filtering on the built-in ink digits.
+
+A text-conditional base model is pretrained on digits without the protected ink (red), then fine-tuned,
+per variant and seed, on the set in which 30 % of the digits are red. Each fine-tuned model is attacked
+(direct, paraphrased and combined prompts for red) and measured: extraction rate, base rate, allowed
+accuracy, FID on allowed prompts against held-out allowed images, wall time. Writes
+bench/results/gradproj.json and gradproj.md. Usage: python bench/gradproj.py [--seeds 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from memsafe.config import config_from_dict, merge
+from memsafe.data import load_dataset, load_images
+from memsafe.metrics.attributes import ink_digit_detector
+from memsafe.metrics.extraction import allowed_prompts, measure_concept
+from memsafe.metrics.features import domain_feature_net
+from memsafe.metrics.fid import fid_with_features
+from memsafe.runs import read_status, sample_run, train_run
+
+RESULTS = Path(__file__).parent / "results"
+CONCEPTS = ["red", "red ink", "in red ink", "written in red", "a red pen"]
+
+
+def gp(strength: float) -> dict:
+    return {"defense.name": "gradient_projection", "defense.gradient_projection.concepts": CONCEPTS,
+            "defense.gradient_projection.lambda": strength}
+
+
+VARIANTS = {
+    "none": {},
+    "filter": {"data.exclude_text": ["red"]},
+    "gp_lambda_0": gp(0.0),
+    "gp_lambda_0.5": gp(0.5),
+    "gp_lambda_0.9": gp(0.9),
+    "gp_lambda_1": gp(1.0),
+    "gp_lora_lambda_1": gp(1.0) | {"model.lora_rank": 4, "train.learning_rate": 1e-3},
+}
+METRICS = ("extraction_rate", "base_rate", "allowed_accuracy", "fid", "wall_s", "sec_per_step")
+
+
+def base_config(work: Path, resolution: int, pretrain_steps: int) -> dict:
+    return {
+        "data": {"source": "builtin:ink-digits-clean", "resolution": resolution, "channels": 3},
+        "model": {"conditioning": "text", "block_out_channels": [32, 64, 64], "attention_levels": [False, True, True]},
+        "train": {"max_steps": pretrain_steps, "batch_size": 32, "learning_rate": 5e-4, "caption_dropout": 0.1},
+        "eval": {"guidance_scale": 3.0, "sampling_steps": 25, "batch_size": 256},
+        "output_dir": str(work / "base"),
+    }
+
+
+def finetune_overrides(work: Path, steps: int) -> dict:
+    return {"data.source": "builtin:ink-digits", "data.holdout_images": 297, "data.seed": 0,
+            "model.pretrained": str(work / "base" / "model"), "train.max_steps": steps,
+            "train.learning_rate": 2e-4, "train.warmup_steps": 0}
+
+
+def evaluate(run_dir: Path, seed: int, per_prompt: int, detector, feature_net, allowed_real: torch.Tensor) -> dict:
+    def generate(prompts: list[str]) -> torch.Tensor:
+        return sample_run(run_dir, len(prompts), seed, prompts=prompts, progress=False)
+
+    measured = measure_concept(generate, detector, per_prompt=per_prompt)
+    allowed = generate([p for p, _, _ in allowed_prompts() for _ in range(per_prompt)])
+    measured["fid"] = fid_with_features(allowed_real, allowed, feature_net)
+    return measured
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--pretrain-steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--per-prompt", type=int, default=4)
+    parser.add_argument("--resolution", type=int, default=16)
+    parser.add_argument("--work", default="runs/bench-gradproj", help="keeps the pretrained base between runs")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets, 8x8, one seed")
+    parser.add_argument("--out", default=str(RESULTS / "gradproj.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.pretrain_steps, args.steps, args.per_prompt, args.resolution = 1, 20, 10, 1, 8
+    work = Path(args.work)
+    progress = sys.stderr.isatty()
+    base = config_from_dict(base_config(work, args.resolution, args.pretrain_steps))
+    if read_status(work / "base")["status"] != "complete":
+        train_run(base, progress=progress)
+    detector = ink_digit_detector(args.resolution, progress=progress)
+    real = load_images(merge(base, {"data.source": "builtin:ink-digits"}).data)
+    feature_net = domain_feature_net(real.as_model_input(), progress=progress)
+    _, holdout = load_dataset(merge(base, finetune_overrides(work, args.steps)).data)
+    allowed_real = holdout.subset([i for i, c in enumerate(holdout.captions) if "red" not in c]).as_model_input()
+
+    runs: dict[str, list[dict]] = {n: [] for n in args.variants.split(",")}
+    for seed in range(args.seeds):
+        for name in runs:
+            overrides = finetune_overrides(work, args.steps) | VARIANTS[name] | {
+                "train.seed": seed, "output_dir": str(work / f"{name}-{seed}")}
+            config = merge(base, overrides)
+            started = time.perf_counter()
+            run_dir = train_run(config, progress=progress)
+            wall = time.perf_counter() - started
+            record = {"seed": seed, "wall_s": wall, "sec_per_step": read_status(run_dir)["sec_per_step"],
+                      **evaluate(run_dir, seed, args.per_prompt, detector, feature_net, allowed_real)}
+            runs[name].append(record)
+            print(json.dumps({"variant": name, **record}), flush=True)
+            write(runs, Path(args.out), args)
+
+
+def write(runs: dict[str, list[dict]], out: Path, args) -> None:
+    results = {}
+    for name, records in runs.items():
+        if not records:
+            continue
+        summary = {}
+        for key in METRICS:
+            values = [r[key] for r in records]
+            summary[key] = statistics.fmean(values)
+            summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        results[name] = summary | {"runs": records}
+    if "none" in results:
+        for name, summary in results.items():
+            summary["overhead_ratio"] = summary["sec_per_step"] / results["none"]["sec_per_step"]
+    results["settings"] = {"pretrain_steps": args.pretrain_steps, "steps": args.steps, "per_prompt": args.per_prompt,
+                           "resolution": args.resolution, "seeds": args.seeds}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["| variant | extraction rate | base rate | allowed accuracy | FID (domain) | wall s | step-time ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if name == "settings":
+            continue
+        lines.append(f"| {name} | {r['extraction_rate']:.3f} ± {r['extraction_rate_std']:.3f} | {r['base_rate']:.3f} "
+                     f"| {r['allowed_accuracy']:.3f} | {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['wall_s']:.0f} "
+                     f"| {r.get('overhead_ratio', float('nan')):.3f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
