@@ -47,10 +47,11 @@ VARIANTS = {
 METRICS = ("extraction_rate", "base_rate", "allowed_accuracy", "fid", "wall_s", "sec_per_step")
 
 
-def base_config(work: Path, resolution: int, pretrain_steps: int) -> dict:
+def base_config(work: Path, resolution: int, pretrain_steps: int, text_encoder: str) -> dict:
     return {
         "data": {"source": "builtin:ink-digits-clean", "resolution": resolution, "channels": 3},
-        "model": {"conditioning": "text", "block_out_channels": [32, 64, 64], "attention_levels": [False, True, True]},
+        "model": {"conditioning": "text", "block_out_channels": [32, 64, 64], "attention_levels": [False, True, True],
+                  "text_encoder": text_encoder},
         "train": {"max_steps": pretrain_steps, "batch_size": 32, "learning_rate": 5e-4, "caption_dropout": 0.1},
         "eval": {"guidance_scale": 3.0, "sampling_steps": 25, "batch_size": 256},
         "output_dir": str(work / "base"),
@@ -82,6 +83,7 @@ def main() -> None:
     parser.add_argument("--per-prompt", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--work", default="runs/bench-gradproj", help="keeps the pretrained base between runs")
+    parser.add_argument("--text-encoder", default="builtin:minilm")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets, 8x8, one seed")
     parser.add_argument("--out", default=str(RESULTS / "gradproj.json"))
     args = parser.parse_args()
@@ -89,7 +91,7 @@ def main() -> None:
         args.seeds, args.pretrain_steps, args.steps, args.per_prompt, args.resolution = 1, 20, 10, 1, 8
     work = Path(args.work)
     progress = sys.stderr.isatty()
-    base = config_from_dict(base_config(work, args.resolution, args.pretrain_steps))
+    base = config_from_dict(base_config(work, args.resolution, args.pretrain_steps, args.text_encoder))
     if read_status(work / "base")["status"] != "complete":
         train_run(base, progress=progress)
     detector = ink_digit_detector(args.resolution, progress=progress)
