@@ -57,3 +57,11 @@ def test_fid_is_zero_for_identical_sets_and_orders_distributions():
     assert fid_with_features(zeros[:80], zeros[:80], net) < 1e-3
     # Two halves of one class are far closer than another class or noise.
     assert 3 * same_class < min(other_class, noise)
+
+
+def test_inception_fid_needs_its_weights_on_disk(tmp_path):
+    from memsafe.errors import MemsafeError
+    from memsafe.metrics import fid_inception
+
+    with pytest.raises(MemsafeError, match="eval.inception_weights file not found"):
+        fid_inception(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), tmp_path / "pt_inception.pth")
