@@ -65,10 +65,9 @@ def evaluate_samples(
         if real_images is None:
             real_images = ImageSet(torch.cat([train_set.pixels, holdout.pixels]))
         feature_net = feature_network(config, real_images, progress)
-    net = feature_net
-    train_features = _embed(net, train_images)
-    sample_features = _embed(net, samples)
-    calibrate = getattr(net, "calibrate", None)
+    train_features = _embed(feature_net, train_images)
+    sample_features = _embed(feature_net, samples)
+    calibrate = getattr(feature_net, "calibrate", None)
     similarity, _ = top1_similarity(sample_features, train_features)
     metrics |= copy_statistics(similarity, config.copy_threshold, calibrate=calibrate)
     if len(train_set) > 1:
@@ -77,8 +76,8 @@ def evaluate_samples(
     metrics["copy_threshold"] = config.copy_threshold
     if calibrate is not None:
         # The calibrated threshold expressed as a raw cosine similarity.
-        metrics["copy_threshold_cosine"] = net.background_similarity + (config.copy_threshold - 0.5) * 2 * (
-            1 - net.background_similarity
+        metrics["copy_threshold_cosine"] = feature_net.background_similarity + (config.copy_threshold - 0.5) * 2 * (
+            1 - feature_net.background_similarity
         )
 
     reference, metrics["fid_reference"] = (
@@ -87,7 +86,7 @@ def evaluate_samples(
     if config.inception_weights:
         metrics["fid"], metrics["fid_features"] = fid_inception(reference, samples, config.inception_weights), "inception"
     else:
-        metrics["fid"] = fid_with_features(reference, samples, net)
+        metrics["fid"] = fid_with_features(reference, samples, feature_net)
         metrics["fid_features"] = config.features
     return Evaluation(metrics=metrics, samples=samples, neighbours=neighbours, ratios=ratios)
 

@@ -78,7 +78,6 @@ class Trainer:
         self.hooks = HookList(hooks)
         self.pixels = train_set.as_model_input()
         self.step = 0
-        self.batch_position = 0
         self.last_log: dict[str, float] = {}
 
     def use_subset(self, indices: torch.Tensor, seed: int) -> None:
