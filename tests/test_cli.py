@@ -127,3 +127,12 @@ def test_pretrained_directory_is_loaded_with_its_weights(tmp_path):
 
     with pytest.raises(MemsafeError, match="has no weights file"):
         build_unet(config.model, config.data)
+
+
+def test_evaluate_measures_against_the_filtered_training_set(tmp_path):
+    config = _write_config(tmp_path, train={"max_steps": 5},
+                           data={"source": "builtin:ink-digits", "channels": 3, "exclude_text": ["red"]})
+    assert main(["train", "--config", str(config), "--no-progress"]) == 0
+    assert main(["evaluate", str(tmp_path / "run"), "--no-progress"]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 20 < metrics["num_train_images"] < 48  # the 48-image subset without its red digits

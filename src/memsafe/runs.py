@@ -19,7 +19,7 @@ import yaml
 from diffusers import DDPMPipeline
 
 from memsafe.config import RunConfig, config_from_dict
-from memsafe.data import load_dataset, load_images, split_holdout
+from memsafe.data import load_dataset, load_images
 from memsafe.defenses import build_trainer
 from memsafe.errors import MemsafeError
 from memsafe.metrics.evaluate import Evaluation, evaluate_samples
@@ -173,8 +173,7 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
     started = time.perf_counter()
     samples = sample_run(run_dir, config.eval.num_samples, config.eval.seed, progress=progress)
     all_images = load_images(config.data)
-    data = config.data
-    train_set, holdout = split_holdout(all_images, data.max_train_images, data.holdout_images, data.seed)
+    train_set, holdout = load_dataset(config.data, all_images)
     evaluation = evaluate_samples(samples, train_set, holdout, config.eval, progress=progress, real_images=all_images)
     status = read_status(run_dir)
     evaluation.metrics |= {
@@ -194,9 +193,8 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
         threshold=config.eval.memorization_threshold,
     )
     save_image_grid(samples[:64], run_dir / "samples.png", title=f"{config.defense.name}: samples")
-    log_rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()] if (
-        run_dir / "log.jsonl"
-    ).is_file() else []
+    log_path = run_dir / "log.jsonl"
+    log_rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
     if log_rows:
         save_loss_curve(log_rows, run_dir / "loss.png")
     write_json(run_dir / "metrics.json", evaluation.metrics)

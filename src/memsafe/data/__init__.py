@@ -27,10 +27,12 @@ def load_images(config: DataConfig) -> ImageSet:
     return load_image_folder(config.source, config.resolution, config.channels, config.center_crop)
 
 
-def load_dataset(config: DataConfig) -> tuple[ImageSet, ImageSet]:
-    """(training images, held-out images) as the config asks; `exclude_text` filters the training images
-    only (the data-filtering baseline: held-out images stay the same for every variant)."""
-    train, holdout = split_holdout(load_images(config), config.max_train_images, config.holdout_images, config.seed)
+def load_dataset(config: DataConfig, images: ImageSet | None = None) -> tuple[ImageSet, ImageSet]:
+    """(training images, held-out images) as the config asks, from `images` when already loaded;
+    `exclude_text` filters the training images only (the data-filtering baseline: held-out images stay
+    the same for every variant)."""
+    images = images if images is not None else load_images(config)
+    train, holdout = split_holdout(images, config.max_train_images, config.holdout_images, config.seed)
     return exclude_captions(train, config.exclude_text), holdout
 
 

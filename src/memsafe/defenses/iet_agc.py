@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from memsafe.config import IETConfig, RunConfig
 from memsafe.data.images import ImageSet
 from memsafe.errors import MemsafeError
+from memsafe.models.unet import build_noise_scheduler
 from memsafe.train.checkpoint import atomic_checkpoint, load_checkpoint, read_state, write_state, write_trainer_state
 from memsafe.train.hooks import TrainHook
 from memsafe.train.loop import Trainer
@@ -252,11 +253,13 @@ class IETTrainer:
         self.assignment = split_shards(len(train_set), iet.shards, config.train.seed)
         self.ledger = SampleLedger(len(train_set))
         self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+        # The bank has one bin per timestep of the scheduler the proxies train with (a pretrained one may
+        # differ from the config's default).
+        timesteps = build_noise_scheduler(config.model).config.num_train_timesteps
         self.proxies: list[Trainer] = []
         for k in range(iet.shards):
             first = self.proxies[0] if self.proxies else None
-            hooks = [AntiGradientControl(LossBank(self._timesteps(first, config), iet.bank_decay), self.ledger,
-                                         self.ratio, skip=iet.agc)]
+            hooks = [AntiGradientControl(LossBank(timesteps, iet.bank_decay), self.ledger, self.ratio, skip=iet.agc)]
             if iet.augment:
                 hooks.append(LossDrivenAugmentation(self.ledger, self.ratio, iet))
             self.proxies.append(
@@ -273,10 +276,6 @@ class IETTrainer:
         self.step = 0
         self.samples_seen = 0
         self.last_log: dict[str, float] = {}
-
-    @staticmethod
-    def _timesteps(first: Trainer | None, config: RunConfig) -> int:
-        return first.noise_scheduler.config.num_train_timesteps if first else config.model.num_train_timesteps
 
     # The Trainer interface used by run directories.
     @property
