@@ -76,6 +76,7 @@ def test_planted_low_loss_sample_is_skipped_then_reassigned():
         assert weights.tolist() == [1.0, 0.0, 1.0]  # 0.01 < 1.0 / 2: skipped; 0.9 >= 0.5: kept
     # The bank follows every sample, skipped ones included, sequentially.
     assert 0.0 < bank.values[3].item() < 1.0 and bank.values[5].item() == 1.0
+    ledger.end_round()
     assert ledger.skips.tolist() == [0, 4, 0, 0, 0, 0] and ledger.visits[:3].tolist() == [4, 4, 4]
     assignment = torch.tensor([0, 0, 0, 1, 1, 1])
     moved = redistribute(assignment, ledger.round_skip_rate(), threshold=0.5, shards=2)

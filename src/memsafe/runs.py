@@ -70,38 +70,49 @@ def _check_resumable(run_dir: Path, config: RunConfig) -> None:
 
 
 def train_run(config: RunConfig, progress: bool = True) -> Path:
-    """Train (or resume) the run in `config.output_dir`; returns the run directory."""
+    """Train (or resume) the run in `config.output_dir`; returns the run directory.
+
+    Under `accelerate launch` / `torchrun` every process calls this; only the main one writes files."""
     # Everything that can fail on bad input happens before the run directory is touched.
     train_set, _ = load_dataset(config.data)
     trainer = build_trainer(config, train_set)
+    accelerator = trainer.accelerator
+    main = accelerator.is_main_process
     run_dir = Path(config.output_dir)
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if (run_dir / "config.yaml").exists():
         _check_resumable(run_dir, config)
     elif run_dir.exists() and any(run_dir.iterdir()):
         raise MemsafeError(f"output_dir {run_dir} exists and is not a memsafe run; choose another output_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    accelerator.wait_for_everyone()  # every process has read the directory before the main one writes
+
+    def status(value: dict) -> None:
+        if main:
+            write_json(run_dir / "status.json", value)
+
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
-    write_json(run_dir / "status.json", {"status": "running", "step": trainer.step})
+    status({"status": "running", "step": trainer.step})
     try:
         stats = trainer.fit(
             checkpoint_dir=run_dir / "checkpoints",
             log_path=run_dir / "log.jsonl",
             progress=progress,
-            on_checkpoint=lambda path: write_json(run_dir / "status.json", {"status": "running", "step": trainer.step}),
+            on_checkpoint=lambda path: status({"status": "running", "step": trainer.step}),
         )
-        save_pipeline(trainer.ema_or_model(use_ema=False), trainer, run_dir / "model")
-        if trainer.ema is not None:
-            save_pipeline(trainer.ema_or_model(use_ema=True), trainer, run_dir / "model_ema")
+        if main:
+            save_pipeline(trainer.ema_or_model(use_ema=False), trainer, run_dir / "model")
+            if trainer.ema is not None:
+                save_pipeline(trainer.ema_or_model(use_ema=True), trainer, run_dir / "model_ema")
     except BaseException as exc:
-        write_json(run_dir / "status.json", {"status": "failed", "step": trainer.step, "error": str(exc) or repr(exc)})
+        status({"status": "failed", "step": trainer.step, "error": str(exc) or repr(exc)})
         raise
-    write_json(
-        run_dir / "status.json",
-        {"status": "complete", "step": trainer.step, "final_loss": trainer.last_log.get("loss"), **stats},
-    )
+    status({"status": "complete", "step": trainer.step, "final_loss": trainer.last_log.get("loss"),
+            "processes": accelerator.num_processes, **stats})
+    accelerator.wait_for_everyone()
     return run_dir
 
 

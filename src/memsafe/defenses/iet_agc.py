@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from memsafe.config import IETConfig, RunConfig
@@ -35,7 +36,7 @@ from memsafe.errors import MemsafeError
 from memsafe.models.unet import build_noise_scheduler
 from memsafe.train.checkpoint import atomic_checkpoint, load_checkpoint, read_state, write_state, write_trainer_state
 from memsafe.train.hooks import TrainHook
-from memsafe.train.loop import Trainer
+from memsafe.train.loop import Trainer, make_accelerator
 from memsafe.train.progress import JsonLines, run_display
 
 
@@ -70,12 +71,22 @@ class SampleLedger:
         self.round_visits.zero_()
 
     def record(self, index: torch.Tensor, kept: torch.Tensor, relative: torch.Tensor) -> None:
-        ones, skipped = torch.ones_like(index), (~kept).long()
-        self.visits.index_add_(0, index, ones)
-        self.round_visits.index_add_(0, index, ones)
-        self.skips.index_add_(0, index, skipped)
-        self.round_skips.index_add_(0, index, skipped)
+        self.round_visits.index_add_(0, index, torch.ones_like(index))
+        self.round_skips.index_add_(0, index, (~kept).long())
         self.relative_loss[index] = relative.float()
+
+    def end_round(self, accelerator: Accelerator | None = None) -> None:
+        """Adds the round to the totals. Each process saw only its proxies' shards: the round counts are
+        summed over processes and every sample's last relative loss comes from the process that visited it."""
+        if accelerator is not None and accelerator.num_processes > 1:
+            visited = self.round_visits > 0
+            counts = accelerator.reduce(torch.stack([self.round_visits, self.round_skips]), reduction="sum")
+            relative = accelerator.reduce(torch.where(visited, self.relative_loss.double(), 0.0), reduction="sum")
+            self.round_visits.copy_(counts[0])
+            self.round_skips.copy_(counts[1])
+            self.relative_loss = torch.where(self.round_visits > 0, relative.float(), self.relative_loss)
+        self.visits += self.round_visits
+        self.skips += self.round_skips
 
     def round_skip_rate(self) -> torch.Tensor:
         return self.round_skips.double() / self.round_visits.clamp_min(1).double()
@@ -148,27 +159,29 @@ def augmentation_strength(relative_loss: torch.Tensor, ratio: float) -> torch.Te
     return strength.clamp(0.0, 1.0).nan_to_num(0.0).float()
 
 
-def augment_batch(pixels: torch.Tensor, strength: torch.Tensor, config: IETConfig) -> torch.Tensor:
+def augment_batch(
+    pixels: torch.Tensor, strength: torch.Tensor, config: IETConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per-sample translation, brightness/contrast jitter and (optionally) flips, scaled by `strength`.
-    Samples with strength 0 pass through unchanged. Draws from torch's global RNG (checkpointed)."""
+    Samples with strength 0 pass through unchanged. Draws from `generator` (else torch's global RNG)."""
     active = strength > 0
     if not active.any():
         return pixels
     x = pixels[active]
     s = strength[active].to(x).view(-1, 1, 1, 1)
     n = x.shape[0]
-    shift = (torch.rand(n, 2) * 2 - 1).to(x) * s.view(-1, 1) * config.augment_max_shift * 2  # grid spans [-1, 1]
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1).to(x) * s.view(-1, 1) * config.augment_max_shift * 2  # grid spans [-1, 1]
     theta = torch.zeros(n, 2, 3, dtype=x.dtype, device=x.device)
     theta[:, 0, 0] = theta[:, 1, 1] = 1.0
     theta[:, :, 2] = shift
     if config.augment_flip:
-        flip = torch.rand(n).to(x.device) < 0.5 * s.view(-1)
+        flip = torch.rand(n, generator=generator).to(x.device) < 0.5 * s.view(-1)
         theta[flip, 0, 0] = -1.0
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     # Shift in [0, 2] so that regions moved in from outside read as the background (-1), not grey.
     x = F.grid_sample(x + 1, grid, padding_mode="zeros", align_corners=False) - 1
-    contrast = 1 + (torch.rand(n, 1, 1, 1) * 2 - 1).to(x) * s * config.augment_max_jitter
-    brightness = (torch.rand(n, 1, 1, 1) * 2 - 1).to(x) * s * config.augment_max_jitter
+    contrast = 1 + (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1).to(x) * s * config.augment_max_jitter
+    brightness = (torch.rand(n, 1, 1, 1, generator=generator) * 2 - 1).to(x) * s * config.augment_max_jitter
     out = pixels.clone()
     out[active] = (x * contrast + brightness).clamp(-1, 1)
     return out
@@ -186,7 +199,9 @@ class LossDrivenAugmentation(TrainHook):
         strength = augmentation_strength(self.ledger.relative_loss[batch["index"].cpu()], self.ratio)
         self.strength_sum += float(strength.sum())
         self.count += len(strength)
-        batch["pixels"] = augment_batch(batch["pixels"], strength.to(batch["pixels"].device), self.config)
+        batch["pixels"] = augment_batch(
+            batch["pixels"], strength.to(batch["pixels"].device), self.config, batch.get("generator")
+        )
         return batch
 
     def log_values(self):
@@ -239,6 +254,9 @@ def aggregate_states(states: list[dict[str, torch.Tensor]], weights: list[float]
 class IETTrainer:
     """K proxy Trainers (the one training loop each) over shards, aggregated every round.
 
+    Under several processes (`accelerate launch` / `torchrun`) each process trains the proxies of shards
+    k with k % processes == rank, and the aggregation is an all-reduce of their weighted parameters.
+
     Presents the Trainer interface that run directories use: fit, step, last_log, ema, conditioner,
     noise_scheduler, ema_or_model, save_checkpoint, load_checkpoint. `step` counts proxy optimizer steps
     over all proxies; the run ends when as many samples have been seen as plain training would see in
@@ -252,12 +270,19 @@ class IETTrainer:
         self.ratio = agc_ratio(config)
         self.assignment = split_shards(len(train_set), iet.shards, config.train.seed)
         self.ledger = SampleLedger(len(train_set))
-        self.accelerator = Accelerator(mixed_precision=config.train.mixed_precision)
+        self.accelerator = make_accelerator(config.train.mixed_precision)
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if iet.shards < processes:
+            raise MemsafeError(
+                f"defense.iet_agc.shards {iet.shards} is smaller than the number of processes ({processes}): "
+                "every process trains at least one proxy"
+            )
+        self.owned = [k for k in range(iet.shards) if k % processes == rank]
         # The bank has one bin per timestep of the scheduler the proxies train with (a pretrained one may
         # differ from the config's default).
         timesteps = build_noise_scheduler(config.model).config.num_train_timesteps
         self.proxies: list[Trainer] = []
-        for k in range(iet.shards):
+        for _ in self.owned:
             first = self.proxies[0] if self.proxies else None
             hooks = [AntiGradientControl(LossBank(timesteps, iet.bank_decay), self.ledger, self.ratio, skip=iet.agc)]
             if iet.augment:
@@ -270,6 +295,7 @@ class IETTrainer:
                     accelerator=self.accelerator,
                     unet=None if first is None else copy.deepcopy(first.unwrapped),
                     conditioner=None if first is None else first.conditioner,
+                    data_parallel=False,
                 )
             )
         self.round = 0
@@ -310,32 +336,32 @@ class IETTrainer:
         sizes = torch.bincount(self.assignment, minlength=self.iet.shards).tolist()
         return [max(1, math.ceil(remaining * size / len(self.assignment) / batch)) for size in sizes]
 
+    def train_proxy(self, k: int, proxy: Trainer, steps: int, bar: tqdm) -> dict[str, float]:
+        members = self.shard_members(k)
+        proxy.use_subset(members, seed=(self.config.train.seed * 7919 + self.round) * 101 + k)
+        losses = []
+        for _ in range(steps):
+            losses.append(proxy.train_step()["loss"])
+            bar.update(self.accelerator.num_processes)  # the others train theirs meanwhile
+        agc = proxy.hooks.hooks[0]
+        return {"round": self.round, "shard": k, "loss": sum(losses) / len(losses),
+                "skip_rate": agc.take_skip_rate(), "shard_size": len(members), **proxy.hooks.log_values()}
+
     def run_round(self, budget: int, bar: tqdm, log: JsonLines) -> None:
         self.ledger.start_round()
-        seed = self.config.train.seed
-        for k, (proxy, steps) in enumerate(zip(self.proxies, self.round_steps(budget))):
-            members = self.shard_members(k)
-            proxy.use_subset(members, seed=(seed * 7919 + self.round) * 101 + k)
-            losses = []
-            for _ in range(steps):
-                values = proxy.train_step()
-                losses.append(values["loss"])
-                self.samples_seen += proxy.batches.batch_size
-                self.step += 1
-                bar.update(1)
-            agc = proxy.hooks.hooks[0]
-            self.last_log = {
-                "round": self.round,
-                "shard": k,
-                "loss": sum(losses) / len(losses),
-                "skip_rate": agc.take_skip_rate(),
-                "shard_size": len(members),
-                **proxy.hooks.log_values(),
-            }
-            bar.set_postfix(round=self.round, shard=k, loss=f"{self.last_log['loss']:.4f}",
-                            skip=f"{self.last_log['skip_rate']:.2f}")
-            log.write(self.step, self.last_log)
+        steps = self.round_steps(budget)
+        rows = [self.train_proxy(k, proxy, steps[k], bar) for k, proxy in zip(self.owned, self.proxies)]
+        if self.accelerator.num_processes > 1:
+            rows = sorted(gather_object(rows), key=lambda row: row["shard"])
+        for k, row in enumerate(rows):
+            self.step += steps[k]
+            self.samples_seen += steps[k] * self.config.train.batch_size
+            log.write(self.step, row)
+        self.last_log = rows[-1]
+        bar.set_postfix(round=self.round, loss=f"{sum(r['loss'] for r in rows) / len(rows):.4f}",
+                        skip=f"{sum(r['skip_rate'] for r in rows) / len(rows):.2f}")
         self.aggregate()
+        self.ledger.end_round(self.accelerator)
         if self.iet.redistribute:
             self.last_log["moved"] = redistribute(
                 self.assignment, self.ledger.round_skip_rate(), self.iet.redistribute_threshold, self.iet.shards
@@ -344,18 +370,35 @@ class IETTrainer:
             proxy.hooks.on_round_end(proxy, self.round)
         self.round += 1
 
+    def _weighted_sum(self, tensors_of: Callable[[Trainer], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Shard-size-weighted mean over all proxies of all processes, one tensor per position."""
+        sizes = torch.bincount(self.assignment, minlength=self.iet.shards).double()
+        weights = sizes / sizes.sum()
+        total = None
+        for k, proxy in zip(self.owned, self.proxies):
+            flat = torch.cat([t.detach().double().flatten().cpu() for t in tensors_of(proxy)]) * weights[k]
+            total = flat if total is None else total + flat
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total.to(self.accelerator.device), reduction="sum").cpu()
+        shapes = [t.shape for t in tensors_of(self.proxies[0])]
+        return [part.view(shape) for part, shape in zip(total.split([math.prod(s) for s in shapes]), shapes)]
+
+    @torch.no_grad()
     def aggregate(self) -> None:
         """Global weights (and EMA weights) = shard-size-weighted mean of the proxies', loaded into all."""
-        weights = [float(len(self.shard_members(k))) for k in range(self.iet.shards)]
-        state = aggregate_states([p.unwrapped.state_dict() for p in self.proxies], weights)
+
+        def floats(proxy: Trainer) -> list[torch.Tensor]:
+            return [t for t in proxy.unwrapped.state_dict().values() if t.is_floating_point()]
+
+        mean = self._weighted_sum(floats)
         for proxy in self.proxies:
-            proxy.unwrapped.load_state_dict(state)
+            for tensor, value in zip(floats(proxy), mean):
+                tensor.copy_(value)
         if self.ema is not None:
-            shadows = [dict(enumerate(p.ema.shadow_params)) for p in self.proxies]
-            mean = aggregate_states([{str(i): t for i, t in s.items()} for s in shadows], weights)
+            mean = self._weighted_sum(lambda p: list(p.ema.shadow_params))
             for proxy in self.proxies:
-                for i, tensor in enumerate(proxy.ema.shadow_params):
-                    tensor.copy_(mean[str(i)])
+                for tensor, value in zip(proxy.ema.shadow_params, mean):
+                    tensor.copy_(value)
 
     def fit(self, max_steps=None, checkpoint_dir: Path | None = None, log_path: Path | None = None,
             progress: bool = True, on_checkpoint=None) -> dict[str, float]:
@@ -391,11 +434,12 @@ class IETTrainer:
         }
 
     def save_checkpoint(self, root: Path) -> Path:
+        """Every process writes its own proxies into the one checkpoint folder."""
         keep = self.config.train.checkpoints_total_limit
-        with atomic_checkpoint(root, self.step, keep, self.accelerator) as tmp:
-            if tmp is not None:
-                for k, proxy in enumerate(self.proxies):
-                    write_trainer_state(proxy, tmp / f"proxy-{k:03d}")
+        with atomic_checkpoint(root, self.step, keep, self.accelerator, every_process_writes=True) as tmp:
+            for k, proxy in zip(self.owned, self.proxies):
+                write_trainer_state(proxy, tmp / f"proxy-{k:03d}")
+            if self.accelerator.is_main_process:
                 write_state(tmp / "iet", self.state_dict())
         return root / f"checkpoint-{self.step:08d}"
 
@@ -405,7 +449,7 @@ class IETTrainer:
         state = read_state(path / "iet")
         if len(state["assignment"]) != len(self.assignment):
             raise MemsafeError(f"checkpoint {path} covers {len(state['assignment'])} images, the data has {len(self.assignment)}")
-        for k, proxy in enumerate(self.proxies):
+        for k, proxy in zip(self.owned, self.proxies):
             load_checkpoint(proxy, path / f"proxy-{k:03d}")
         self.assignment.copy_(state["assignment"])
         self.ledger.load_state_dict(state["ledger"])

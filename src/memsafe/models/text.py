@@ -95,9 +95,12 @@ class CaptionConditioner:
         self.caption_embeddings = encoder.encode_unique(captions)
         self.empty = encoder.encode([""])
 
-    def model_kwargs(self, indices: torch.Tensor, device: torch.device | str) -> dict[str, torch.Tensor]:
+    def model_kwargs(
+        self, indices: torch.Tensor, device: torch.device | str, uniform: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """`uniform`: one U(0, 1) draw per sample; those below the dropout rate get the empty caption."""
         states = self.caption_embeddings[indices]
         if self.dropout > 0:
-            drop = torch.rand(len(indices)) < self.dropout
+            drop = (uniform if uniform is not None else torch.rand(len(indices))) < self.dropout
             states = torch.where(drop[:, None, None], self.empty.expand_as(states), states)
         return {"encoder_hidden_states": states.to(device)}

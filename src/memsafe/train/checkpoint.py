@@ -55,31 +55,40 @@ def _fsync_tree(folder: Path) -> None:
 
 
 @contextmanager
-def atomic_checkpoint(root: Path, step: int, keep: int, accelerator):
-    """Yields a temporary folder (None on other processes) to fill; on success it is renamed to
-    `root/checkpoint-<step>` and older checkpoints beyond `keep` are pruned."""
+def atomic_checkpoint(root: Path, step: int, keep: int, accelerator, every_process_writes: bool = False):
+    """Yields a temporary folder to fill; on success it is renamed to `root/checkpoint-<step>` and older
+    checkpoints beyond `keep` are pruned. Only the main process fills it (the others get None) unless
+    `every_process_writes`, in which case all of them write their parts before the rename."""
     final = root / f"{PREFIX}{step:08d}"
-    if not accelerator.is_main_process:
+    tmp = root / f".tmp-{final.name}"
+    main = accelerator.is_main_process
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if every_process_writes:
+        accelerator.wait_for_everyone()
+    if not main and not every_process_writes:
         yield None
         accelerator.wait_for_everyone()
         return
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir()
+        tmp.mkdir(exist_ok=True)
         yield tmp
         _fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if every_process_writes:
+            accelerator.wait_for_everyone()
+        if main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise MemsafeError(f"could not write checkpoint {final}: {exc}") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(root, keep)
+    if main:
+        _prune(root, keep)
     accelerator.wait_for_everyone()
 
 

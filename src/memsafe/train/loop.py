@@ -19,7 +19,7 @@ from memsafe.data.images import ImageSet
 from memsafe.errors import MemsafeError
 from memsafe.models.unet import build_noise_scheduler, build_unet
 from memsafe.train.hooks import HookList, TrainHook
-from memsafe.train.loss import per_sample_diffusion_loss, weighted_mean
+from memsafe.train.loss import draw_noise, per_sample_diffusion_loss, weighted_mean
 from memsafe.train.progress import run_display
 from memsafe.train.sampler import EpochBatches
 
@@ -29,6 +29,12 @@ def use_deterministic_kernels() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+
+
+def make_accelerator(mixed_precision: str = "no") -> Accelerator:
+    """The run's Accelerator. Without CUDA it is told so: accelerate only sets up multi-process CPU
+    (gloo) training under torchrun / accelerate launch when `cpu=True`."""
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
 class Trainer:
@@ -42,13 +48,16 @@ class Trainer:
         accelerator: Accelerator | None = None,
         unet: torch.nn.Module | None = None,
         conditioner=None,
+        data_parallel: bool = True,
     ):
+        """`data_parallel=False` keeps this trainer to its own process (e.g. an IET proxy): the model is
+        not wrapped for DDP, each step takes the whole batch and no collective is run."""
         train = config.train
         if train.deterministic:
             use_deterministic_kernels()
         self.config = config
         self.train_set = train_set
-        self.accelerator = accelerator or Accelerator(mixed_precision=train.mixed_precision)
+        self.accelerator = accelerator or make_accelerator(train.mixed_precision)
         set_seed(train.seed)
         self.noise_scheduler = build_noise_scheduler(config.model)
         self.conditioner = conditioner
@@ -72,7 +81,12 @@ class Trainer:
         self.lr_scheduler = get_scheduler(
             "constant_with_warmup", optimizer=self.optimizer, num_warmup_steps=train.warmup_steps
         )
-        self.unet, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        self.data_parallel = data_parallel
+        if self.data_parallel:
+            self.unet, self.optimizer = self.accelerator.prepare(model, self.optimizer)
+        else:
+            self.unet = model.to(self.accelerator.device)
+            self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
         self.ema = EMAModel(self.unwrapped.parameters(), decay=train.ema_decay) if train.ema else None
         self.use_subset(torch.arange(len(train_set)), seed=train.seed)
         self.hooks = HookList(hooks)
@@ -86,8 +100,8 @@ class Trainer:
             indices,
             self.config.train.batch_size,
             seed=seed,
-            rank=self.accelerator.process_index,
-            world_size=self.accelerator.num_processes,
+            rank=self.accelerator.process_index if self.data_parallel else 0,
+            world_size=self.accelerator.num_processes if self.data_parallel else 1,
         )
         self.batch_position = 0
 
@@ -100,13 +114,26 @@ class Trainer:
         return self.accelerator.device
 
     def next_batch(self) -> dict[str, Any]:
+        """This process's share of the next global batch, with its noise, timesteps and caption dropout."""
         indices = self.batches.batch(self.batch_position)
+        generator = self.batches.generator(self.batch_position)
         self.batch_position += 1
-        batch = {"pixels": self.pixels[indices].to(self.device), "index": indices, "model_kwargs": {}}
+        size = self.batches.batch_size
+        noise, timesteps = draw_noise(self.noise_scheduler, (size, *self.pixels.shape[1:]), generator)
+        uniform = torch.rand(size, generator=generator)
+        local = self.batches.local
+        batch = {
+            "pixels": self.pixels[indices].to(self.device),
+            "index": indices,
+            "noise": local(noise),
+            "timesteps": local(timesteps),
+            "generator": generator,
+            "model_kwargs": {},
+        }
         if self.train_set.captions is not None:
             batch["captions"] = [self.train_set.captions[i] for i in indices.tolist()]
         if self.conditioner is not None:
-            batch["model_kwargs"] = self.conditioner.model_kwargs(indices, self.device)
+            batch["model_kwargs"] = self.conditioner.model_kwargs(indices, self.device, local(uniform))
         return batch
 
     def train_step(self) -> dict[str, float]:
@@ -114,10 +141,10 @@ class Trainer:
         self.unet.train()
         batch = self.hooks.on_batch_start(self.next_batch(), self)
         with self.accelerator.autocast():
-            losses, timesteps = per_sample_diffusion_loss(
-                self.unet, self.noise_scheduler, batch["pixels"], **batch["model_kwargs"]
+            losses, _ = per_sample_diffusion_loss(
+                self.unet, self.noise_scheduler, batch["pixels"], batch["noise"], batch["timesteps"],
+                **batch["model_kwargs"],
             )
-        batch["timesteps"] = timesteps
         if not torch.isfinite(losses).all():
             raise MemsafeError(
                 f"training loss became {losses[~torch.isfinite(losses)][0].item()} at step {self.step}: "
@@ -128,7 +155,10 @@ class Trainer:
         # Every process runs backward (keeps data-parallel all-reduces matched) even for an all-skipped batch.
         self.accelerator.backward(loss)
         kept = weights.gt(0).float().sum()
-        any_kept = self.accelerator.reduce(kept.reshape(1), reduction="sum").item() > 0
+        if self.data_parallel:
+            any_kept = self.accelerator.reduce(kept.reshape(1), reduction="sum").item() > 0
+        else:
+            any_kept = kept.item() > 0
         if any_kept:
             self.hooks.on_after_backward(self.unwrapped, self)
             if self.config.train.grad_clip > 0:
@@ -172,7 +202,8 @@ class Trainer:
                 bar.update(1)
                 if self.step % train.log_every == 0 or self.step == max_steps:
                     count = train.log_every if self.step % train.log_every == 0 else self.step % train.log_every
-                    self.last_log = {k: v / count for k, v in running.items()} | self.hooks.log_values()
+                    self.last_log = self.mean_over_processes({k: v / count for k, v in running.items()})
+                    self.last_log |= self.hooks.log_values()
                     running = {}
                     bar.set_postfix(loss=f"{self.last_log['loss']:.4f}", kept=f"{self.last_log['kept_fraction']:.2f}")
                     log.write(self.step, self.last_log)
@@ -183,6 +214,14 @@ class Trainer:
         elapsed = time.perf_counter() - started
         steps_run = self.step - first_step
         return {"steps": self.step, "sec_per_step": elapsed / steps_run if steps_run else math.nan}
+
+    def mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Logged values averaged over data-parallel processes (each saw its share of the batch)."""
+        if not self.data_parallel or self.accelerator.num_processes == 1:
+            return values
+        keys = sorted(values)
+        stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        return dict(zip(keys, self.accelerator.reduce(stacked, reduction="mean").tolist()))
 
     def save_checkpoint(self, root: Path) -> Path:
         from memsafe.train.checkpoint import save_checkpoint

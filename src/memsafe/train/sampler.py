@@ -1,4 +1,4 @@
-"""Seeded batches whose position is one integer, so a resumed run sees the same batches."""
+"""Seeded batches whose position is one integer, so a resumed run sees the same batches and draws."""
 
 from __future__ import annotations
 
@@ -41,4 +41,15 @@ class EpochBatches:
         for epoch in epochs.unique().tolist():
             mask = epochs == epoch
             indices[mask] = self.permutation(epoch)[offsets[mask]]
-        return indices[self.rank :: self.world_size]
+        return self.local(indices)
+
+    def local(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's share of a tensor drawn for the whole (global) batch."""
+        return values[self.rank :: self.world_size]
+
+    def generator(self, position: int) -> torch.Generator:
+        """The random stream of batch `position` (noise, timesteps, caption dropout, augmentation).
+
+        Drawn for the global batch and sliced with `local`, so one process and N processes give every
+        sample the same draws, and a resumed run the same as an uninterrupted one."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + position) * 2 + 1)
