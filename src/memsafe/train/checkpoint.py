@@ -64,7 +64,7 @@ def atomic_checkpoint(root: Path, step: int, keep: int, accelerator, every_proce
     main = accelerator.is_main_process
     if main:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_leftovers(root)
     if every_process_writes:
         accelerator.wait_for_everyone()
     if not main and not every_process_writes:
@@ -145,7 +145,17 @@ def _prune(root: Path, keep: int) -> None:
     if keep <= 0:
         return
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Renamed first: a process killed while deleting leaves a hidden folder, never a partial checkpoint.
+        trash = root / f".trash-{old.name}"
+        os.replace(old, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Temporary and half-deleted folders of a process that was killed."""
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith((".tmp-", ".trash-")):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
