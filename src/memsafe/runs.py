@@ -26,7 +26,7 @@ from memsafe.metrics.evaluate import Evaluation, evaluate_samples
 from memsafe.models.sampling import generate
 from memsafe.models.unet import build_noise_scheduler, unet_class
 from memsafe.report.figures import save_image_grid, save_loss_curve, save_nearest_grid
-from memsafe.train.checkpoint import latest_checkpoint
+from memsafe.train.checkpoint import WRITE_ERRORS, latest_checkpoint
 
 RESUMABLE_CHANGES = {"train.max_steps", "output_dir"}
 
@@ -124,11 +124,15 @@ def save_pipeline(unet: torch.nn.Module, trainer, path: Path) -> None:
         unet = merged_copy(unet)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if trainer.conditioner is None:
-        DDPMPipeline(unet=unet, scheduler=trainer.noise_scheduler).save_pretrained(tmp)
-    else:
-        unet.save_pretrained(tmp / "unet")
-        trainer.noise_scheduler.save_pretrained(tmp / "scheduler")
+    try:
+        if trainer.conditioner is None:
+            DDPMPipeline(unet=unet, scheduler=trainer.noise_scheduler).save_pretrained(tmp)
+        else:
+            unet.save_pretrained(tmp / "unet")
+            trainer.noise_scheduler.save_pretrained(tmp / "scheduler")
+    except WRITE_ERRORS as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MemsafeError(f"could not write model {path}: {exc}") from exc
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
 

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from memsafe.errors import MemsafeError
 
 PREFIX = "checkpoint-"
+# What a full disk or a failing writer raises: OS errors, safetensors' own, torch.save's RuntimeError.
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 
 def _split_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -81,7 +84,7 @@ def atomic_checkpoint(root: Path, step: int, keep: int, accelerator, every_proce
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise MemsafeError(f"could not write checkpoint {final}: {exc}") from exc
     except BaseException:
