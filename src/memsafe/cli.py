@@ -49,7 +49,7 @@ def cmd_evaluate(args) -> None:
 
     evaluation = evaluate_run(Path(args.run_dir), progress=not args.no_progress)
     print(metrics_table({Path(args.run_dir).name: evaluation.metrics}))
-    print(f"wrote {Path(args.run_dir) / 'metrics.json'} and {Path(args.run_dir) / 'nearest.png'}")
+    print(f"wrote {Path(args.run_dir) / 'report.md'} (and report.html, metrics.json, figures)")
 
 
 def cmd_generate(args) -> None:
@@ -93,7 +93,7 @@ def cmd_demo(args) -> None:
         f"(nearest/second-nearest distance < {m['memorization_threshold']:.3f}); "
         f"{m['copy_fraction']:.1%} exceed copy similarity {m['copy_threshold']}."
     )
-    print(f"see {run_dir / 'nearest.png'} (generations above their nearest training images) and {run_dir / 'metrics.json'}")
+    print(f"see {run_dir / 'report.html'} ({run_dir / 'nearest.png'}: generations above their nearest training images)")
 
 
 def build_parser() -> argparse.ArgumentParser:

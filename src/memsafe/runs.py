@@ -2,7 +2,7 @@
 
 A run directory holds `config.yaml` (resolved), `status.json`, `log.jsonl`, `checkpoints/`, `model/`
 (a diffusers DDPMPipeline; `model_ema/` too when EMA is on), and after evaluation `metrics.json`,
-`nearest.png` and `samples.png`. Only `status.json` with "complete" says the training finished.
+`report.md` / `report.html` and their PNG figures. Only `status.json` with "complete" says the training finished.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from memsafe.errors import MemsafeError
 from memsafe.metrics.evaluate import Evaluation, evaluate_samples
 from memsafe.models.sampling import generate
 from memsafe.models.unet import build_noise_scheduler, unet_class
-from memsafe.report.figures import save_image_grid, save_loss_curve, save_nearest_grid
+from memsafe.report.document import write_run_report
+from memsafe.report.figures import save_image_grid, save_nearest_grid
 from memsafe.train.checkpoint import WRITE_ERRORS, latest_checkpoint
 
 RESUMABLE_CHANGES = {"train.max_steps", "output_dir"}
@@ -182,7 +183,7 @@ def sample_run(
 
 
 def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
-    """Generate, measure and write metrics.json, nearest.png, samples.png and loss.png into the run."""
+    """Generate, measure and write metrics.json, report.md / report.html and their figures into the run."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     started = time.perf_counter()
@@ -208,9 +209,28 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
         threshold=config.eval.memorization_threshold,
     )
     save_image_grid(samples[:64], run_dir / "samples.png", title=f"{config.defense.name}: samples")
+    evaluation.metrics |= measure_concept_if_known(run_dir, config, progress)
     log_path = run_dir / "log.jsonl"
     log_rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
-    if log_rows:
-        save_loss_curve(log_rows, run_dir / "loss.png")
     write_json(run_dir / "metrics.json", evaluation.metrics)
+    write_run_report(run_dir, evaluation.metrics, log_rows)
     return evaluation
+
+
+def measure_concept_if_known(run_dir: Path, config: RunConfig, progress: bool) -> dict[str, Any]:
+    """The concept-extraction attack, for text runs on the built-in ink digits (whose detector memsafe trains):
+    extraction rate, base rate and allowed accuracy, with the run's data source and projection strength."""
+    if config.model.conditioning != "text" or not config.data.source.startswith("builtin:ink-digits"):
+        return {}
+    from memsafe.metrics.attributes import ink_digit_detector
+    from memsafe.metrics.extraction import measure_concept
+
+    detector = ink_digit_detector(config.data.resolution, progress=progress)
+    measured = measure_concept(
+        lambda prompts: sample_run(run_dir, len(prompts), config.eval.seed, prompts=prompts, progress=False),
+        detector,
+        per_prompt=2,
+    )
+    projected = "gradient_projection" in config.defense.name.split("+")
+    return measured | {"data_source": config.data.source,
+                       "projection_strength": config.defense.gradient_projection.strength if projected else 0.0}

@@ -1,4 +1,4 @@
-"""Figures a person reads: generations beside their nearest training images, and sample sheets."""
+"""Figures a person reads: generations beside their nearest training images, sample sheets and curves."""
 
 from __future__ import annotations
 
@@ -66,14 +66,21 @@ def save_image_grid(images: torch.Tensor, path: Path, columns: int = 16, title: 
     _save(fig, path)
 
 
-def save_loss_curve(log_rows: list[dict], path: Path) -> None:
+def save_curve(
+    x: list[float], y: list[float], path: Path, xlabel: str, ylabel: str, log_y: bool = False, marker: str = ""
+) -> None:
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot([r["step"] for r in log_rows], [r["loss"] for r in log_rows])
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
+    ax.plot(x, y, marker=marker)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
     fig.tight_layout()
     _save(fig, path)
+
+
+def save_loss_curve(log_rows: list[dict], path: Path) -> None:
+    save_curve([r["step"] for r in log_rows], [r["loss"] for r in log_rows], path, "step", "training loss", log_y=True)
 
 
 def _save(fig, path: Path) -> None:

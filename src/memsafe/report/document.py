@@ -1,0 +1,124 @@
+"""report.md and report.html of a run: the metrics table and the figures, in one page a person reads."""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memsafe.report.figures import save_curve, save_loss_curve
+from memsafe.report.table import HEADLINE
+
+CONCEPT_KEYS = [
+    ("extraction_rate", "concept extraction rate (attack prompts)"),
+    ("base_rate", "concept base rate (prompts not asking for it)"),
+    ("allowed_accuracy", "allowed-prompt accuracy (text-image agreement)"),
+]
+
+
+@dataclass
+class Report:
+    title: str
+    sections: list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]] = field(default_factory=list)
+
+    def add(self, heading: str, rows: list[tuple[str, str]] = (), figures: list[tuple[str, str]] = ()) -> None:
+        """A section: (label, value) table rows and (file name, caption) figures."""
+        self.sections.append((heading, list(rows), list(figures)))
+
+    def markdown(self) -> str:
+        lines = [f"# {self.title}", ""]
+        for heading, rows, figures in self.sections:
+            lines += [f"## {heading}", ""]
+            if rows:
+                lines += ["| | |", "|---|---|"] + [f"| {label} | {value} |" for label, value in rows] + [""]
+            for name, caption in figures:
+                lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(self.title)}</title>",
+                 "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:2px 10px}"
+                 "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}</style></head><body>",
+                 f"<h1>{html.escape(self.title)}</h1>"]
+        for heading, rows, figures in self.sections:
+            parts.append(f"<h2>{html.escape(heading)}</h2>")
+            if rows:
+                cells = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for a, b in rows)
+                parts.append(f"<table>{cells}</table>")
+            for name, caption in figures:
+                parts.append(f"<figure><img src='{html.escape(name)}' alt='{html.escape(caption)}'>"
+                             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        return "\n".join(parts + ["</body></html>"])
+
+    def write(self, folder: Path) -> None:
+        for name, text in (("report.md", self.markdown()), ("report.html", self.html())):
+            tmp = folder / f".tmp-{name}"
+            tmp.write_text(text + "\n")
+            tmp.replace(folder / name)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _rows(metrics: dict, keys) -> list[tuple[str, str]]:
+    return [(label, _fmt(metrics[key])) for key, label in keys if metrics.get(key) is not None]
+
+
+def sibling_strength_curve(run_dir: Path) -> list[tuple[float, float]]:
+    """(lambda, extraction rate) of every evaluated run in the same parent folder that measured the
+    concept: an undefended run counts as lambda = 0. Sorted by lambda; one point per lambda (the mean)."""
+    points: dict[float, list[float]] = {}
+    for metrics_path in sorted(run_dir.parent.glob("*/metrics.json")):
+        metrics = json.loads(metrics_path.read_text())
+        if "extraction_rate" not in metrics or metrics.get("data_source") != _data_source(run_dir):
+            continue
+        strength = metrics.get("projection_strength", 0.0)
+        points.setdefault(float(strength), []).append(metrics["extraction_rate"])
+    return sorted((lam, sum(v) / len(v)) for lam, v in points.items())
+
+
+def _data_source(run_dir: Path) -> str | None:
+    path = run_dir / "metrics.json"
+    return json.loads(path.read_text()).get("data_source") if path.is_file() else None
+
+
+def write_run_report(run_dir: Path, metrics: dict, log_rows: list[dict]) -> Path:
+    """report.md / report.html (plus their PNG figures) in `run_dir`, from metrics.json's values and the log."""
+    report = Report(f"memsafe run {run_dir.name}: defense {metrics.get('defense', 'none')}")
+    report.add("Memorization and quality", _rows(metrics, HEADLINE + [("num_samples", "generations measured"),
+                                                                       ("num_train_images", "training images")]),
+               [("nearest.png", "generations (top) above their nearest training images; red = memorized"),
+                ("samples.png", "samples")])
+    training = _rows(metrics, [("train_steps", "steps"), ("sec_per_step", "seconds per step"),
+                               ("final_loss", "final loss")])
+    figures = []
+    if log_rows:
+        save_loss_curve(log_rows, run_dir / "loss.png")
+        figures.append(("loss.png", "training loss"))
+    skip_rows = [r for r in log_rows if "skip_rate" in r]
+    if skip_rows:
+        rounds = sorted({r["round"] for r in skip_rows})
+        mean = [sum(r["skip_rate"] for r in skip_rows if r["round"] == k) / sum(r["round"] == k for r in skip_rows)
+                for k in rounds]
+        save_curve(rounds, mean, run_dir / "skip_rate.png", "IET round", "AGC skip rate (mean over shards)")
+        figures.append(("skip_rate.png", "IET-AGC+: share of samples skipped as memorization-prone, per round"))
+    key = "gradient_projection/removed_grad_norm"
+    removed = [r for r in log_rows if key in r]
+    if removed:
+        save_curve([r["step"] for r in removed], [r[key] for r in removed], run_dir / "removed.png",
+                   "step", "share of gradient norm removed")
+        figures.append(("removed.png", "gradient projection: share of the projected layers' gradient norm removed"))
+    report.add("Training", training, figures)
+    if "extraction_rate" in metrics:
+        figures = []
+        curve = sibling_strength_curve(run_dir)
+        if len(curve) > 1:
+            save_curve([p[0] for p in curve], [p[1] for p in curve], run_dir / "extraction_vs_lambda.png",
+                       "projection strength lambda (0 = undefended)", "extraction rate", marker="o")
+            figures.append(("extraction_vs_lambda.png",
+                            f"extraction rate against lambda over the evaluated runs in {run_dir.parent}"))
+        report.add("Concept extraction attack", _rows(metrics, CONCEPT_KEYS), figures)
+    report.write(run_dir)
+    return run_dir / "report.md"
