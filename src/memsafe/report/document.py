@@ -70,18 +70,14 @@ def sibling_strength_curve(run_dir: Path) -> list[tuple[float, float]]:
     """(lambda, extraction rate) of every evaluated run in the same parent folder that measured the
     concept: an undefended run counts as lambda = 0. Sorted by lambda; one point per lambda (the mean)."""
     points: dict[float, list[float]] = {}
+    source = json.loads((run_dir / "metrics.json").read_text()).get("data_source")
     for metrics_path in sorted(run_dir.parent.glob("*/metrics.json")):
         metrics = json.loads(metrics_path.read_text())
-        if "extraction_rate" not in metrics or metrics.get("data_source") != _data_source(run_dir):
+        if "extraction_rate" not in metrics or metrics.get("data_source") != source:
             continue
         strength = metrics.get("projection_strength", 0.0)
         points.setdefault(float(strength), []).append(metrics["extraction_rate"])
     return sorted((lam, sum(v) / len(v)) for lam, v in points.items())
-
-
-def _data_source(run_dir: Path) -> str | None:
-    path = run_dir / "metrics.json"
-    return json.loads(path.read_text()).get("data_source") if path.is_file() else None
 
 
 def write_run_report(run_dir: Path, metrics: dict, log_rows: list[dict]) -> Path:
