@@ -14,7 +14,6 @@ from memsafe.defenses.iet_agc import (
     IETTrainer,
     LossBank,
     SampleLedger,
-    aggregate_states,
     augment_batch,
     augmentation_strength,
     redistribute,
@@ -38,13 +37,17 @@ def test_shard_split_is_a_balanced_partition():
         split_shards(10, 11, seed=0)
 
 
-def test_aggregating_identical_proxies_returns_them_and_weights_by_shard_size():
-    a = {"w": torch.tensor([1.0, 2.0]), "count": torch.tensor(3)}
-    assert torch.equal(aggregate_states([a, a, a], [1.0, 5.0, 2.0])["w"], a["w"])
-    b = {"w": torch.tensor([4.0, 8.0]), "count": torch.tensor(7)}
-    mixed = aggregate_states([a, b], [1.0, 2.0])
-    assert torch.allclose(mixed["w"], torch.tensor([3.0, 6.0]))
-    assert mixed["count"].item() == 3  # integer buffers are not averaged
+def test_aggregating_identical_proxies_returns_them_and_leaves_integer_buffers(tiny_config):
+    config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 3})
+    trainer = IETTrainer(config, load_dataset(config.data)[0])
+    before = {k: v.clone() for k, v in trainer.proxies[0].unwrapped.state_dict().items()}
+    for k, proxy in enumerate(trainer.proxies):
+        proxy.unwrapped.register_buffer("count", torch.tensor(3 + 4 * k))
+    trainer.aggregate()  # the proxies start identical: their weighted mean is themselves
+    for k, proxy in enumerate(trainer.proxies):
+        state = proxy.unwrapped.state_dict()
+        assert all(torch.equal(state[name], value) for name, value in before.items())
+        assert state["count"].item() == 3 + 4 * k  # integer buffers are not averaged
 
 
 def test_real_proxies_aggregate_to_their_weighted_mean(tiny_config):

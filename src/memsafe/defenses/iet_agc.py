@@ -235,22 +235,6 @@ def redistribute(assignment: torch.Tensor, skip_rate: torch.Tensor, threshold: f
     return moved
 
 
-@torch.no_grad()
-def aggregate_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Weighted average of floating-point tensors (weights sum to 1); other tensors from the first state."""
-    total = sum(weights)
-    averaged = {}
-    for key, first in states[0].items():
-        if first.is_floating_point():
-            acc = torch.zeros_like(first, dtype=torch.float64)
-            for state, weight in zip(states, weights):
-                acc += state[key].double() * (weight / total)
-            averaged[key] = acc.to(first.dtype)
-        else:
-            averaged[key] = first.clone()
-    return averaged
-
-
 class IETTrainer:
     """K proxy Trainers (the one training loop each) over shards, aggregated every round.
 
