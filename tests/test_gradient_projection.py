@@ -21,12 +21,12 @@ def encoder():
     return TextEncoder("builtin:minilm", max_length=8)
 
 
-def _config(tmp_path, strength=1.0, mode="update", lora=None, steps=25, name="gradient_projection"):
+def _config(tmp_path, strength=1.0, mode="update", lora=None, steps=25, name="gradient_projection", **train):
     values = tiny_config_dict(
         tmp_path / "run",
         model={"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True],
                "max_text_length": 8, "lora_rank": lora},
-        train={"max_steps": steps, "weight_decay": 0.1, "warmup_steps": 0, "learning_rate": 2e-3},
+        train={"max_steps": steps, "weight_decay": 0.1, "warmup_steps": 0, "learning_rate": 2e-3, **train},
         defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "lambda": strength, "mode": mode}},
     )
     return config_from_dict(values)
@@ -93,6 +93,15 @@ def test_full_finetuning_keeps_concept_response_exactly(tmp_path):
     assert moved > 1e-3  # the complement still learns
     after = trainer.unwrapped.state_dict()
     assert all(not torch.equal(after[k], v) for k, v in others.items())  # layers that do not read text train freely
+
+
+@pytest.mark.parametrize("lora", [None, 4])
+def test_guarantee_holds_under_accumulation_and_mixed_precision(tmp_path, lora):
+    config = _config(tmp_path, lora=lora, steps=20, gradient_accumulation_steps=2, mixed_precision="bf16")
+    trainer, before, _ = _train(config)
+    assert trainer.batch_position == 40  # two micro-batches per optimizer step
+    assert _concept_drift(trainer, before) < 1e-5
+    assert max((_text_weights(trainer)[n] - w).abs().max().item() for n, w in before.items()) > 1e-4
 
 
 def test_undefended_run_changes_the_concept_response(tmp_path):

@@ -46,7 +46,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # per process and micro-batch
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
     warmup_steps: int = 100
@@ -60,6 +61,11 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     deterministic: bool = False  # deterministic GPU kernels: bit-exact resumes on CUDA too, somewhat slower
+
+    @property
+    def samples_per_step(self) -> int:
+        """Samples behind one optimizer step of one process."""
+        return self.batch_size * self.gradient_accumulation_steps
 
 
 @dataclass
@@ -234,7 +240,7 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(f"data.channels must be 1 or 3, got {data.channels}")
     if train.mixed_precision not in ("no", "fp16", "bf16"):
         raise MemsafeError(f"train.mixed_precision must be no, fp16 or bf16, got {train.mixed_precision!r}")
-    for key in ("max_steps", "batch_size", "checkpoint_every", "log_every"):
+    for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
         if getattr(train, key) <= 0:
             raise MemsafeError(f"train.{key} must be positive, got {getattr(train, key)}")
     iet = config.defense.iet_agc

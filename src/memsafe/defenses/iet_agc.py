@@ -244,7 +244,7 @@ class IETTrainer:
     Presents the Trainer interface that run directories use: fit, step, last_log, ema, conditioner,
     noise_scheduler, ema_or_model, save_checkpoint, load_checkpoint. `step` counts proxy optimizer steps
     over all proxies; the run ends when as many samples have been seen as plain training would see in
-    `train.max_steps` steps of `train.batch_size`.
+    `train.max_steps` steps of `train.samples_per_step` samples.
     """
 
     def __init__(self, config: RunConfig, train_set: ImageSet, extra_hooks: Callable[[], list[TrainHook]] = list):
@@ -313,7 +313,7 @@ class IETTrainer:
 
     def round_steps(self, budget: int) -> list[int]:
         """Local steps of each proxy this round; the last round shares out the remaining samples by shard size."""
-        batch = self.config.train.batch_size
+        batch = self.config.train.samples_per_step
         remaining = budget - self.samples_seen
         if remaining >= self.iet.shards * self.iet.local_steps * batch:
             return [self.iet.local_steps] * self.iet.shards
@@ -339,7 +339,7 @@ class IETTrainer:
             rows = sorted(gather_object(rows), key=lambda row: row["shard"])
         for k, row in enumerate(rows):
             self.step += steps[k]
-            self.samples_seen += steps[k] * self.config.train.batch_size
+            self.samples_seen += steps[k] * self.config.train.samples_per_step
             log.write(self.step, row)
         self.last_log = rows[-1]
         bar.set_postfix(round=self.round, loss=f"{sum(r['loss'] for r in rows) / len(rows):.4f}",
@@ -387,8 +387,8 @@ class IETTrainer:
     def fit(self, max_steps=None, checkpoint_dir: Path | None = None, log_path: Path | None = None,
             progress: bool = True, on_checkpoint=None) -> dict[str, float]:
         train = self.config.train
-        budget = (max_steps or train.max_steps) * train.batch_size
-        estimate = self.step + math.ceil(max(budget - self.samples_seen, 0) / train.batch_size)
+        budget = (max_steps or train.max_steps) * train.samples_per_step
+        estimate = self.step + math.ceil(max(budget - self.samples_seen, 0) / train.samples_per_step)
         started, first_step = time.perf_counter(), self.step
         last_checkpoint = self.step // train.checkpoint_every
         main = self.accelerator.is_main_process

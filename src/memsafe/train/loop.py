@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -10,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -34,6 +36,11 @@ def use_deterministic_kernels() -> None:
 def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     """The run's Accelerator. Without CUDA it is told so: accelerate only sets up multi-process CPU
     (gloo) training under torchrun / accelerate launch when `cpu=True`."""
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") != mixed_precision:
+        # accelerate keeps one mixed-precision setting per Python process and refuses a second; a library
+        # user may train runs of both kinds in one session. The distributed set-up (PartialState) stays.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
@@ -137,24 +144,23 @@ class Trainer:
         return batch
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step; no update at all when the hooks skip every sample of the batch."""
+        """One optimizer step over `gradient_accumulation_steps` micro-batches; no update at all when the
+        hooks skip every sample."""
         self.unet.train()
-        batch = self.hooks.on_batch_start(self.next_batch(), self)
-        with self.accelerator.autocast():
-            losses, _ = per_sample_diffusion_loss(
-                self.unet, self.noise_scheduler, batch["pixels"], batch["noise"], batch["timesteps"],
-                **batch["model_kwargs"],
-            )
-        if not torch.isfinite(losses).all():
-            raise MemsafeError(
-                f"training loss became {losses[~torch.isfinite(losses)][0].item()} at step {self.step}: "
-                "lower train.learning_rate or check the data"
-            )
-        weights = self.hooks.on_losses(losses.detach(), batch, self)
-        loss = weighted_mean(losses, weights)
-        # Every process runs backward (keeps data-parallel all-reduces matched) even for an all-skipped batch.
-        self.accelerator.backward(loss)
-        kept = weights.gt(0).float().sum()
+        micro_batches = self.config.train.gradient_accumulation_steps
+        sums = {"loss": 0.0, "train_loss": 0.0}
+        kept = torch.zeros((), device=self.device)
+        samples = 0
+        for micro in range(micro_batches):
+            # Gradients are all-reduced once, on the last micro-batch.
+            last = micro == micro_batches - 1
+            sync = contextlib.nullcontext() if last or not self.data_parallel else self.accelerator.no_sync(self.unet)
+            with sync:
+                losses, weights, loss = self.backward_micro_batch(micro_batches)
+            sums["loss"] += losses.detach().mean().item() / micro_batches
+            sums["train_loss"] += loss.detach().item()
+            kept = kept + weights.gt(0).float().sum()
+            samples += len(losses)
         if self.data_parallel:
             any_kept = self.accelerator.reduce(kept.reshape(1), reduction="sum").item() > 0
         else:
@@ -170,12 +176,26 @@ class Trainer:
                 self.ema.step(self.unwrapped.parameters())
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {
-            "loss": losses.detach().mean().item(),
-            "train_loss": loss.detach().item(),
-            "kept_fraction": (kept / len(losses)).item(),
-            "lr": self.lr_scheduler.get_last_lr()[0],
-        }
+        return sums | {"kept_fraction": (kept / samples).item(), "lr": self.lr_scheduler.get_last_lr()[0]}
+
+    def backward_micro_batch(self, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Forward and backward of the next batch, its loss divided by the micro-batches per step."""
+        batch = self.hooks.on_batch_start(self.next_batch(), self)
+        with self.accelerator.autocast():
+            losses, _ = per_sample_diffusion_loss(
+                self.unet, self.noise_scheduler, batch["pixels"], batch["noise"], batch["timesteps"],
+                **batch["model_kwargs"],
+            )
+        if not torch.isfinite(losses).all():
+            raise MemsafeError(
+                f"training loss became {losses[~torch.isfinite(losses)][0].item()} at step {self.step}: "
+                "lower train.learning_rate or check the data"
+            )
+        weights = self.hooks.on_losses(losses.detach(), batch, self)
+        loss = weighted_mean(losses, weights) / micro_batches
+        # Every process runs backward (keeps data-parallel all-reduces matched) even for an all-skipped batch.
+        self.accelerator.backward(loss)
+        return losses, weights, loss
 
     def fit(
         self,
