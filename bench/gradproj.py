@@ -25,6 +25,7 @@ from memsafe.metrics.extraction import allowed_prompts, measure_concept
 from memsafe.metrics.features import domain_feature_net
 from memsafe.metrics.fid import fid_with_features
 from memsafe.runs import read_status, sample_run, train_run
+from memsafe.train.hooks import TrainHook
 
 RESULTS = Path(__file__).parent / "results"
 CONCEPTS = ["red", "red ink", "in red ink", "written in red", "a red pen"]
@@ -74,6 +75,48 @@ def evaluate(run_dir: Path, seed: int, per_prompt: int, detector, feature_net, a
     return measured
 
 
+class TimedHook(TrainHook):
+    """Runs a hook and adds up the seconds its per-step work takes."""
+
+    def __init__(self, hook: TrainHook):
+        self.hook, self.name, self.seconds = hook, hook.name, 0.0
+
+    def _timed(self, method, *args):
+        started = time.perf_counter()
+        method(*args)
+        self.seconds += time.perf_counter() - started
+
+    def on_after_backward(self, model, trainer):
+        self._timed(self.hook.on_after_backward, model, trainer)
+
+    def on_after_step(self, model, trainer):
+        self._timed(self.hook.on_after_step, model, trainer)
+
+
+def hook_overhead(config, steps: int = 60) -> dict:
+    """Projection cost beside the step it rides on, on one trainer: the hook's own time per step against the
+    median step time without it (exact), and steps alternately with and without it (noisier on a shared CPU)."""
+    from memsafe.defenses import build_trainer
+
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    trainer.hooks.on_train_start(trainer)
+    timed = [TimedHook(h) for h in trainer.hooks.hooks]
+    for _ in range(5):
+        trainer.train_step()
+    with_hook, without = [], []
+    for _ in range(steps):
+        for hooks, times in ((timed, with_hook), ([], without)):
+            trainer.hooks.hooks = hooks
+            started = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - started)
+    step = statistics.median(without)
+    hook = sum(h.seconds for h in timed) / steps
+    return {"hook_ms": 1000 * hook, "step_ms": 1000 * step, "overhead_ratio": 1.0 + hook / step,
+            "interleaved_ratio": statistics.median(with_hook) / step}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -113,10 +156,17 @@ def main() -> None:
                       **evaluate(run_dir, seed, args.per_prompt, detector, feature_net, allowed_real)}
             runs[name].append(record)
             print(json.dumps({"variant": name, **record}), flush=True)
-            write(runs, Path(args.out), args)
+            write(runs, {}, Path(args.out), args)
+    overhead = {}
+    for name in ("gp_lambda_1", "gp_lora_lambda_1"):
+        if name in runs:
+            config = merge(base, finetune_overrides(work, args.steps) | VARIANTS[name] | {"output_dir": str(work / "overhead")})
+            overhead[name] = hook_overhead(config)
+            print(json.dumps({"variant": name, **overhead[name]}), flush=True)
+    write(runs, overhead, Path(args.out), args)
 
 
-def write(runs: dict[str, list[dict]], out: Path, args) -> None:
+def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, args) -> None:
     results = {}
     for name, records in runs.items():
         if not records:
@@ -128,20 +178,34 @@ def write(runs: dict[str, list[dict]], out: Path, args) -> None:
             summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         results[name] = summary | {"runs": records}
     if "none" in results:
+        none = results["none"]
         for name, summary in results.items():
-            summary["overhead_ratio"] = summary["sec_per_step"] / results["none"]["sec_per_step"]
+            summary["step_time_ratio"] = summary["sec_per_step"] / none["sec_per_step"]
+            summary["extraction_cut"] = 1.0 - summary["extraction_rate"] / max(none["extraction_rate"], 1e-9)
+            # The defense aims at extraction = base rate: how much of the undefended excess is gone.
+            excess_none = none["extraction_rate"] - none["base_rate"]
+            excess = summary["extraction_rate"] - summary["base_rate"]
+            summary["excess_extraction_cut"] = 1.0 - excess / excess_none if excess_none > 0 else float("nan")
+            summary["allowed_accuracy_ratio"] = summary["allowed_accuracy"] / max(none["allowed_accuracy"], 1e-9)
+    for name, measured in overhead.items():
+        results[name]["overhead"] = measured
+        results[name]["overhead_ratio"] = measured["overhead_ratio"]
     results["settings"] = {"pretrain_steps": args.pretrain_steps, "steps": args.steps, "per_prompt": args.per_prompt,
                            "resolution": args.resolution, "seeds": args.seeds}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| variant | extraction rate | base rate | allowed accuracy | FID (domain) | wall s | step-time ratio |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| variant | extraction rate | base rate | extraction cut | excess cut | allowed accuracy (vs none) "
+             "| FID (domain) | wall s | step-time ratio | hook overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
     for name, r in results.items():
         if name == "settings":
             continue
         lines.append(f"| {name} | {r['extraction_rate']:.3f} ± {r['extraction_rate_std']:.3f} | {r['base_rate']:.3f} "
-                     f"| {r['allowed_accuracy']:.3f} | {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['wall_s']:.0f} "
-                     f"| {r.get('overhead_ratio', float('nan')):.3f} |")
+                     f"| {r.get('extraction_cut', nan):.1%} | {r.get('excess_extraction_cut', nan):.1%} "
+                     f"| {r['allowed_accuracy']:.3f} ({r.get('allowed_accuracy_ratio', nan):.3f}) "
+                     f"| {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['wall_s']:.0f} "
+                     f"| {r.get('step_time_ratio', nan):.3f} | {r.get('overhead_ratio', nan):.4f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

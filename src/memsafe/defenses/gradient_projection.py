@@ -107,20 +107,31 @@ class GradientProjection(TrainHook):
         self.strength = config.strength
         self.stats = dict(stats or {})
         self.params: dict[str, torch.nn.Parameter] = {}
-        self.before: dict[str, torch.Tensor] = {}
-        self.removed_sq = 0.0
-        self.total_sq = 0.0
+        self.before: torch.Tensor | None = None  # the projected weights before the optimizer step, stacked
+        self.removed_sq = self.total_sq = 0.0
 
     def attach(self, model: torch.nn.Module) -> None:
         self.params = projected_parameters(model, self.config.layers, self.basis.shape[0])
+        self.rows = [p.shape[0] for p in self.params.values()]
         with torch.no_grad():
             for name, param in self.params.items():
                 if "lora_A" in name:  # start the adapter orthogonal to the concepts
                     param.sub_(self._component(param))
 
+    def _on_basis(self, matrix: torch.Tensor) -> torch.Tensor:
+        """Coordinates of the rows of `matrix` on the basis: (rows, k)."""
+        return matrix @ self.basis.to(device=matrix.device, dtype=matrix.dtype)
+
     def _component(self, matrix: torch.Tensor) -> torch.Tensor:
-        basis = self.basis.to(device=matrix.device, dtype=matrix.dtype)
-        return (matrix @ basis) @ basis.T
+        return self._on_basis(matrix) @ self.basis.to(device=matrix.device, dtype=matrix.dtype).T
+
+    def _stacked(self, tensors) -> torch.Tensor:
+        """All projected matrices as one (sum of rows, d) matrix: one product per step instead of one per layer."""
+        return torch.cat([t.detach() for t in tensors])
+
+    def _subtract(self, targets, stacked_component: torch.Tensor) -> None:
+        for target, part in zip(targets, stacked_component.split(self.rows)):
+            target.sub_(part, alpha=self.strength)
 
     def on_train_start(self, trainer) -> None:
         self.attach(trainer.unwrapped)
@@ -128,31 +139,32 @@ class GradientProjection(TrainHook):
     def on_after_backward(self, model, trainer) -> None:
         if not self.params:
             self.attach(model)
+        params = list(self.params.values())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         with torch.no_grad():
-            for name, param in self.params.items():
-                if param.grad is None:
-                    continue
-                component = self._component(param.grad)
-                self.removed_sq += float(component.pow(2).sum()) * self.strength**2
-                self.total_sq += float(param.grad.pow(2).sum())
-                if self.config.mode == "gradient":
-                    param.grad.sub_(self.strength * component)
-                else:
-                    self.before[name] = param.detach().clone()
+            gradient = self._stacked(grads)
+            on_basis = self._on_basis(gradient)
+            # ||G U U^T|| = ||G U|| for orthonormal U. Kept as tensors: no device sync per step.
+            self.removed_sq = self.removed_sq + on_basis.pow(2).sum() * self.strength**2
+            self.total_sq = self.total_sq + gradient.pow(2).sum()
+            if self.config.mode == "gradient":
+                self._subtract(grads, on_basis @ self.basis.to(on_basis).T)
+            else:
+                self.before = self._stacked(params)
 
     def on_after_step(self, model, trainer) -> None:
-        if self.config.mode != "update":
+        if self.config.mode != "update" or self.before is None:
             return
+        params = list(self.params.values())
         with torch.no_grad():
-            for name, param in self.params.items():
-                if name in self.before:
-                    change = param - self.before[name]
-                    param.sub_(self.strength * self._component(change))
-        self.before.clear()
+            change = self._stacked(params) - self.before
+            self._subtract(params, self._component(change))
+        self.before = None
 
     def log_values(self) -> dict[str, float]:
         """Share of the projected layers' gradient norm removed since the last log."""
-        share = (self.removed_sq / self.total_sq) ** 0.5 if self.total_sq else 0.0
+        total = float(self.total_sq)
+        share = (float(self.removed_sq) / total) ** 0.5 if total else 0.0
         self.removed_sq = self.total_sq = 0.0
         return {"removed_grad_norm": share}
 
