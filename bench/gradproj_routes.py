@@ -19,14 +19,15 @@ import torch
 from memsafe.data.digits import DIGIT_NAMES
 from memsafe.data.ink_digits import INK_NAMES
 from memsafe.metrics.attributes import ink_digit_detector
-from memsafe.runs import sample_run
+from memsafe.runs import load_run_config, sample_run
 
 RESULTS = Path(__file__).parent / "results"
 INK_PHRASES = {"red": " in red ink", "blue": " in blue ink", "green": " in green ink", "purple (unseen)": " in purple ink",
                "'ink' alone": " in ink", "no ink": ""}
 
 
-def ink_shares(run_dir: Path, detector, per_digit: int) -> dict[str, dict[str, float]]:
+def ink_shares(run_dir: Path, per_digit: int) -> dict[str, dict[str, float]]:
+    detector = ink_digit_detector(load_run_config(run_dir).data.resolution, progress=False)
     shares = {}
     for label, phrase in INK_PHRASES.items():
         prompts = [f"a handwritten digit {DIGIT_NAMES[d]}{phrase}" for d in range(10) for _ in range(per_digit)]
@@ -43,8 +44,7 @@ def main() -> None:
     parser.add_argument("--per-digit", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "gradproj_routes.json"))
     args = parser.parse_args()
-    detector = ink_digit_detector(16, progress=False)
-    results = {Path(r).name: ink_shares(Path(r), detector, args.per_digit) for r in args.runs}
+    results = {Path(r).name: ink_shares(Path(r), args.per_digit) for r in args.runs}
     out = Path(args.out)
     out.write_text(json.dumps(results, indent=2) + "\n")
     lines = ["| run | " + " | ".join(f"red share, prompt: {p}" for p in INK_PHRASES) + " |",

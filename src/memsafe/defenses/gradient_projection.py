@@ -122,8 +122,12 @@ class GradientProjection(TrainHook):
         """Coordinates of the rows of `matrix` on the basis: (rows, k)."""
         return matrix @ self.basis.to(device=matrix.device, dtype=matrix.dtype)
 
+    def _from_basis(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """Rows back in the d-dimensional space: (rows, d)."""
+        return coordinates @ self.basis.to(device=coordinates.device, dtype=coordinates.dtype).T
+
     def _component(self, matrix: torch.Tensor) -> torch.Tensor:
-        return self._on_basis(matrix) @ self.basis.to(device=matrix.device, dtype=matrix.dtype).T
+        return self._from_basis(self._on_basis(matrix))
 
     def _stacked(self, tensors) -> torch.Tensor:
         """All projected matrices as one (sum of rows, d) matrix: one product per step instead of one per layer."""
@@ -148,7 +152,7 @@ class GradientProjection(TrainHook):
             self.removed_sq = self.removed_sq + on_basis.pow(2).sum() * self.strength**2
             self.total_sq = self.total_sq + gradient.pow(2).sum()
             if self.config.mode == "gradient":
-                self._subtract(grads, on_basis @ self.basis.to(on_basis).T)
+                self._subtract(grads, self._from_basis(on_basis))
             else:
                 self.before = self._stacked(params)
 
