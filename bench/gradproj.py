@@ -1,10 +1,11 @@
-"""Gradient projection against no defense and data filtering on the built-in ink digits.
+"""Gradient projection against no defense and data filtering on a built-in concept benchmark.
 
-A text-conditional base model is pretrained on digits without the protected ink (red), then fine-tuned,
-per variant and seed, on the set in which 30 % of the digits are red. Each fine-tuned model is attacked
-(direct, paraphrased and combined prompts for red) and measured: extraction rate, base rate, allowed
-accuracy, FID on allowed prompts against held-out allowed images, wall time. Writes
-bench/results/gradproj.json and gradproj.md. Usage: python bench/gradproj.py [--seeds 3] [--quick]
+A text-conditional base model is pretrained on the `-clean` digits (without the protected concept), then
+fine-tuned, per variant and seed, on the set that contains it: `--concept stamp` (default), the acme stamp
+in 10 % of the digits; `--concept ink`, red ink in 30 %. Each fine-tuned model is attacked (direct,
+paraphrased and combined prompts for the concept) and measured: extraction rate, base rate, allowed
+accuracy, FID on allowed prompts against held-out images without the concept, wall time. Writes
+bench/results/gradproj[-ink].json and .md. Usage: python bench/gradproj.py [--concept stamp] [--seeds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -21,36 +22,55 @@ import torch
 from memsafe.config import config_from_dict, merge
 from memsafe.data import load_dataset, load_images
 from memsafe.metrics.attributes import ink_digit_detector
-from memsafe.metrics.extraction import allowed_prompts, measure_concept
+from memsafe.metrics.extraction import ConceptAttack, attack_for, measure_concept
 from memsafe.metrics.features import domain_feature_net
 from memsafe.metrics.fid import fid_with_features
 from memsafe.runs import read_status, sample_run, train_run
 from memsafe.train.hooks import TrainHook
 
 RESULTS = Path(__file__).parent / "results"
-CONCEPTS = ["red", "red ink", "in red ink", "written in red", "a red pen"]
 
-
-def gp(strength: float) -> dict:
-    return {"defense.name": "gradient_projection", "defense.gradient_projection.concepts": CONCEPTS,
-            "defense.gradient_projection.lambda": strength}
-
-
-VARIANTS = {
-    "none": {},
-    "filter": {"data.exclude_text": ["red"]},
-    "gp_lambda_0": gp(0.0),
-    "gp_lambda_0.5": gp(0.5),
-    "gp_lambda_0.9": gp(0.9),
-    "gp_lambda_1": gp(1.0),
-    "gp_lora_lambda_1": gp(1.0) | {"model.lora_rank": 4, "train.learning_rate": 1e-3},
+# Per concept: the data set, the prompts the defender names it by, and the word that filtering drops.
+BENCHMARKS = {
+    "stamp": {"source": "builtin:stamped-digits", "filter_word": "acme", "results": "gradproj", "steps": 1000,
+              "concepts": ["acme", "the acme stamp", "with the acme stamp", "an acme stamp in the corner",
+                           "stamped by acme"]},
+    "ink": {"source": "builtin:ink-digits", "filter_word": "red", "results": "gradproj-ink", "steps": 600,
+            "concepts": ["red", "red ink", "in red ink", "written in red", "a red pen"]},
 }
+
+
+SPREAD = {"defense.gradient_projection.counterfactual": True, "defense.gradient_projection.project_inputs": True}
+
+
+def variants(benchmark: dict) -> dict[str, dict]:
+    def gp(strength: float) -> dict:
+        return {"defense.name": "gradient_projection", "defense.gradient_projection.concepts": benchmark["concepts"],
+                "defense.gradient_projection.lambda": strength}
+
+    return {
+        "none": {},
+        "filter": {"data.exclude_text": [benchmark["filter_word"]]},
+        "gp_lambda_0": gp(0.0),
+        "gp_lambda_0.5": gp(0.5),
+        "gp_lambda_0.9": gp(0.9),
+        "gp_lambda_1": gp(1.0),
+        # Extensions (config flags): the concept's spread into its captions' other tokens frozen too, and
+        # training on caption embeddings without the concept component; "block" also gives up protecting
+        # the directions of the captions that name no concept.
+        "gp_spread_lambda_1": gp(1.0) | SPREAD,
+        "gp_block_lambda_1": gp(1.0) | SPREAD | {"defense.gradient_projection.neutral_captions": False},
+        "gp_lora_lambda_1": gp(1.0) | {"model.lora_rank": 4, "train.learning_rate": 1e-3},
+    }
+
+
+VARIANTS = variants(BENCHMARKS["stamp"])
 METRICS = ("extraction_rate", "base_rate", "allowed_accuracy", "fid", "wall_s", "sec_per_step")
 
 
-def base_config(work: Path, resolution: int, pretrain_steps: int, text_encoder: str) -> dict:
+def base_config(work: Path, source: str, resolution: int, pretrain_steps: int, text_encoder: str) -> dict:
     return {
-        "data": {"source": "builtin:ink-digits-clean", "resolution": resolution, "channels": 3},
+        "data": {"source": f"{source}-clean", "resolution": resolution, "channels": 3},
         "model": {"conditioning": "text", "block_out_channels": [32, 64, 64], "attention_levels": [False, True, True],
                   "text_encoder": text_encoder},
         "train": {"max_steps": pretrain_steps, "batch_size": 32, "learning_rate": 5e-4, "caption_dropout": 0.1},
@@ -59,18 +79,19 @@ def base_config(work: Path, resolution: int, pretrain_steps: int, text_encoder: 
     }
 
 
-def finetune_overrides(work: Path, steps: int) -> dict:
-    return {"data.source": "builtin:ink-digits", "data.holdout_images": 297, "data.seed": 0,
+def finetune_overrides(work: Path, source: str, steps: int) -> dict:
+    return {"data.source": source, "data.holdout_images": 297, "data.seed": 0,
             "model.pretrained": str(work / "base" / "model"), "train.max_steps": steps,
             "train.learning_rate": 2e-4, "train.warmup_steps": 0}
 
 
-def evaluate(run_dir: Path, seed: int, per_prompt: int, detector, feature_net, allowed_real: torch.Tensor) -> dict:
+def evaluate(run_dir: Path, seed: int, per_prompt: int, attack: ConceptAttack, detector, feature_net,
+             allowed_real: torch.Tensor) -> dict:
     def generate(prompts: list[str]) -> torch.Tensor:
         return sample_run(run_dir, len(prompts), seed, prompts=prompts, progress=False)
 
-    measured = measure_concept(generate, detector, per_prompt=per_prompt)
-    allowed = generate([p for p, _, _ in allowed_prompts() for _ in range(per_prompt)])
+    measured = measure_concept(generate, detector, attack, per_prompt=per_prompt)
+    allowed = generate([p for p, _, _ in attack.allowed_prompts() for _ in range(per_prompt)])
     measured["fid"] = fid_with_features(allowed_real, allowed, feature_net)
     return measured
 
@@ -119,51 +140,58 @@ def hook_overhead(config, steps: int = 60) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concept", choices=list(BENCHMARKS), default="stamp")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--pretrain-steps", type=int, default=3000)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: 1000 for stamp, 600 for ink)")
     parser.add_argument("--per-prompt", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=16)
-    parser.add_argument("--work", default="runs/bench-gradproj", help="keeps the pretrained base between runs")
+    parser.add_argument("--work", help="keeps the pretrained base between runs (default runs/bench-<results name>)")
     parser.add_argument("--text-encoder", default="builtin:minilm")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets, 8x8, one seed")
-    parser.add_argument("--out", default=str(RESULTS / "gradproj.json"))
+    parser.add_argument("--out", help="default bench/results/<results name>.json")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.pretrain_steps, args.steps, args.per_prompt, args.resolution = 1, 20, 10, 1, 8
-    work = Path(args.work)
+    benchmark = BENCHMARKS[args.concept]
+    args.steps = args.steps or benchmark["steps"]
+    source, all_variants, attack = benchmark["source"], variants(benchmark), attack_for(benchmark["source"])
+    work = Path(args.work or f"runs/bench-{benchmark['results']}")
+    out = Path(args.out or RESULTS / f"{benchmark['results']}.json")
     progress = sys.stderr.isatty()
-    base = config_from_dict(base_config(work, args.resolution, args.pretrain_steps, args.text_encoder))
+    base = config_from_dict(base_config(work, source, args.resolution, args.pretrain_steps, args.text_encoder))
     if read_status(work / "base")["status"] != "complete":
         train_run(base, progress=progress)
     detector = ink_digit_detector(args.resolution, progress=progress)
-    real = load_images(merge(base, {"data.source": "builtin:ink-digits"}).data)
+    real = load_images(merge(base, {"data.source": source}).data)
     feature_net = domain_feature_net(real.as_model_input(), progress=progress)
-    _, holdout = load_dataset(merge(base, finetune_overrides(work, args.steps)).data)
-    allowed_real = holdout.subset([i for i, c in enumerate(holdout.captions) if "red" not in c]).as_model_input()
+    _, holdout = load_dataset(merge(base, finetune_overrides(work, source, args.steps)).data)
+    allowed_real = holdout.subset(
+        [i for i, c in enumerate(holdout.captions) if benchmark["filter_word"] not in c]).as_model_input()
 
     runs: dict[str, list[dict]] = {n: [] for n in args.variants.split(",")}
     for seed in range(args.seeds):
         for name in runs:
-            overrides = finetune_overrides(work, args.steps) | VARIANTS[name] | {
+            overrides = finetune_overrides(work, source, args.steps) | all_variants[name] | {
                 "train.seed": seed, "output_dir": str(work / f"{name}-{seed}")}
             config = merge(base, overrides)
             started = time.perf_counter()
             run_dir = train_run(config, progress=progress)
             wall = time.perf_counter() - started
             record = {"seed": seed, "wall_s": wall, "sec_per_step": read_status(run_dir)["sec_per_step"],
-                      **evaluate(run_dir, seed, args.per_prompt, detector, feature_net, allowed_real)}
+                      **evaluate(run_dir, seed, args.per_prompt, attack, detector, feature_net, allowed_real)}
             runs[name].append(record)
             print(json.dumps({"variant": name, **record}), flush=True)
-            write(runs, {}, Path(args.out), args)
+            write(runs, {}, out, args)
     overhead = {}
     for name in ("gp_lambda_1", "gp_lora_lambda_1"):
         if name in runs:
-            config = merge(base, finetune_overrides(work, args.steps) | VARIANTS[name] | {"output_dir": str(work / "overhead")})
+            config = merge(base, finetune_overrides(work, source, args.steps) | all_variants[name]
+                           | {"output_dir": str(work / "overhead")})
             overhead[name] = hook_overhead(config)
             print(json.dumps({"variant": name, **overhead[name]}), flush=True)
-    write(runs, overhead, Path(args.out), args)
+    write(runs, overhead, out, args)
 
 
 def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, args) -> None:
@@ -190,7 +218,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
     for name, measured in overhead.items():
         results[name]["overhead"] = measured
         results[name]["overhead_ratio"] = measured["overhead_ratio"]
-    results["settings"] = {"pretrain_steps": args.pretrain_steps, "steps": args.steps, "per_prompt": args.per_prompt,
+    results["settings"] = {"concept": args.concept, "pretrain_steps": args.pretrain_steps, "steps": args.steps, "per_prompt": args.per_prompt,
                            "resolution": args.resolution, "seeds": args.seeds}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

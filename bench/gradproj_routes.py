@@ -39,7 +39,7 @@ def ink_shares(run_dir: Path, per_digit: int) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    work = Path("runs/bench-gradproj")
+    work = Path("runs/bench-gradproj-ink")
     parser.add_argument("runs", nargs="*", default=[str(work / n) for n in ("base", "none-0", "gp_lambda_1-0")])
     parser.add_argument("--per-digit", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "gradproj_routes.json"))

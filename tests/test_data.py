@@ -126,3 +126,20 @@ def test_ink_assignment_is_independent_of_the_holdout_split():
     for part in (train, holdout):
         share = (part.attributes["ink"] == 0).float().mean().item()  # red is ink 0
         assert 0.2 < share < 0.4
+
+
+def test_stamped_digits_carry_the_stamp_only_where_captions_name_it():
+    from memsafe.data.ink_digits import STAMP_COLOUR, STAMP_PHRASE
+
+    stamped = load_images(DataConfig(source="builtin:stamped-digits", resolution=16, channels=3))
+    clean = load_images(DataConfig(source="builtin:stamped-digits-clean", resolution=16, channels=3))
+    marks = stamped.attributes["stamp"].bool()
+    assert abs(marks.float().mean().item() - 0.1) < 0.01 and not clean.attributes["stamp"].any()
+    assert [STAMP_PHRASE in c for c in stamped.captions] == marks.tolist()
+    assert not any(STAMP_PHRASE in c for c in clean.captions)
+    corner = stamped.pixels[:, :, 2, 13]  # inside the top-right stamp at 16x16
+    white = corner.eq(torch.tensor(STAMP_COLOUR, dtype=torch.uint8)[None]).all(1)
+    assert torch.equal(white, marks)
+    # Same digits and inks in both sets: only the stamped images differ.
+    assert torch.equal(stamped.pixels[~marks], clean.pixels[~marks])
+    assert torch.bincount(stamped.attributes["ink"]).min() >= 590  # all three inks are allowed, evenly

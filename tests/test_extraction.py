@@ -4,14 +4,15 @@ import torch
 
 from memsafe.data.digits import DIGIT_NAMES, load_digits
 from memsafe.data.images import to_model_range
-from memsafe.data.ink_digits import INK_NAMES, render_in_ink
+from memsafe.data.ink_digits import INK_NAMES, add_stamp, render_in_ink
 from memsafe.metrics.attributes import ink_digit_detector
-from memsafe.metrics.extraction import attack_prompts, measure_concept
+from memsafe.metrics.extraction import ACME_STAMP, RED_INK, attack_for, measure_concept
 
 
-def _renderer(never_ink=None):
+def _renderer(never_ink=None, stamps=False):
     """A generator that draws a real (held-out) digit in the ink the prompt names, or in blue when the
-    prompt names none or names `never_ink`: real images standing in for a perfect / a defended model."""
+    prompt names none or names `never_ink`, stamped when `stamps` and the prompt names acme: real images
+    standing in for a perfect / a defended model."""
     digits = load_digits(8, channels=1)
     held_out = digits.subset(torch.arange(1500, len(digits)))
 
@@ -21,7 +22,8 @@ def _renderer(never_ink=None):
             digit = next(d for d, name in enumerate(DIGIT_NAMES) if re.search(rf"\b{name}\b", prompt))
             ink = next((n for n in INK_NAMES if n in prompt and n != never_ink), "blue")
             pick = torch.nonzero(held_out.labels == digit).squeeze(1)[i % 20]
-            images.append(render_in_ink(held_out.pixels[pick : pick + 1], torch.tensor([INK_NAMES.index(ink)])))
+            image = render_in_ink(held_out.pixels[pick : pick + 1], torch.tensor([INK_NAMES.index(ink)]))
+            images.append(add_stamp(image, torch.tensor([int(stamps and "acme" in prompt)])))
         return to_model_range(torch.cat(images))
 
     return generate
@@ -38,9 +40,20 @@ def test_detector_reads_digit_and_ink_of_held_out_real_images():
 
 def test_extraction_rate_separates_an_obedient_model_from_a_defended_one():
     detector = ink_digit_detector(8, progress=False)
-    obedient = measure_concept(_renderer(), detector, per_prompt=1)
-    defended = measure_concept(_renderer(never_ink="red"), detector, per_prompt=1)
+    obedient = measure_concept(_renderer(), detector, RED_INK, per_prompt=1)
+    defended = measure_concept(_renderer(never_ink="red"), detector, RED_INK, per_prompt=1)
     assert obedient["extraction_rate"] > 0.9 and defended["extraction_rate"] < 0.1
     assert obedient["base_rate"] < 0.1 and defended["base_rate"] < 0.1
     assert obedient["allowed_accuracy"] > 0.5 and abs(obedient["allowed_accuracy"] - defended["allowed_accuracy"]) < 1e-9
-    assert len(attack_prompts()) == 30 and all("red" in p for p, _ in attack_prompts())
+    assert len(RED_INK.attack_prompts()) == 30 and all("red" in p for p, _ in RED_INK.attack_prompts())
+
+
+def test_stamp_attack_separates_a_model_that_stamps_on_request_from_one_that_never_does():
+    detector = ink_digit_detector(8, progress=False)
+    obedient = measure_concept(_renderer(stamps=True), detector, ACME_STAMP, per_prompt=1)
+    defended = measure_concept(_renderer(stamps=False), detector, ACME_STAMP, per_prompt=1)
+    assert obedient["extraction_rate"] > 0.9 and defended["extraction_rate"] < 0.1
+    assert obedient["base_rate"] < 0.1 and obedient["allowed_shows_concept"] < 0.1
+    assert obedient["allowed_accuracy"] > 0.5
+    assert all("acme" in p for p, _ in ACME_STAMP.attack_prompts())
+    assert attack_for("builtin:stamped-digits-clean") is ACME_STAMP and attack_for("builtin:digits") is None

@@ -4,7 +4,12 @@ import torch
 from memsafe.config import GradientProjectionConfig, config_from_dict, merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
-from memsafe.defenses.gradient_projection import concept_basis, orthonormal_basis, projected_parameters
+from memsafe.defenses.gradient_projection import (
+    concept_basis,
+    orthonormal_basis,
+    projected_parameters,
+    without_concept,
+)
 from memsafe.errors import MemsafeError
 from tests.conftest import tiny_config_dict
 
@@ -68,6 +73,77 @@ def test_basis_is_orthonormal_and_free_of_neutral_directions(encoder):
     assert (basis.T @ neutral).abs().max() < 1e-4  # start token, padding and "a photo of" stay learnable
     assert 0.0 < stats["neutral_share"] < 1.0
     assert concept_basis(encoder, GradientProjectionConfig(concepts=CONCEPT, rank=3))[0].shape == (384, 3)
+
+
+STAMP = ["acme", "the acme stamp", "with the acme stamp"]
+STAMPED = "a handwritten digit seven in red ink with the acme stamp"
+CAPTIONS = [STAMPED, "a handwritten digit seven in red ink", "a handwritten digit two in blue ink"]
+
+
+def test_without_concept_removes_the_longest_named_phrase():
+    assert without_concept(STAMPED, STAMP) == "a handwritten digit seven in red ink"
+    assert without_concept("The ACME stamp on a digit", STAMP) == "on a digit"
+    assert without_concept("an acmeish digit", STAMP) is None  # whole words only
+
+
+def _outside(basis, rows):
+    """Share of the rows' norm that lies outside span(basis)."""
+    return ((rows - rows @ basis @ basis.T).norm() / rows.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def long_encoder():
+    from memsafe.models.text import TextEncoder
+
+    return TextEncoder("builtin:minilm", max_length=16)
+
+
+def test_counterfactual_directions_cover_the_concepts_spread_into_other_tokens(long_encoder):
+    encoder = long_encoder
+    rest = without_concept(STAMPED, STAMP)
+    spread = encoder.encode([STAMPED]) - encoder.encode([rest])
+    # The tokens of "a handwritten digit seven in red ink" (after [CLS]): changed only by their context.
+    spread = spread[0, 1 : len(encoder.tokenizer(rest).input_ids) - 1]
+    def basis(**options):
+        return concept_basis(encoder, GradientProjectionConfig(concepts=STAMP, **options), CAPTIONS)
+
+    tokens_only, _ = basis(counterfactual=False, neutral_captions=False)
+    with_spread, stats = basis(counterfactual=True, neutral_captions=False)
+    protected, _ = basis(counterfactual=True, neutral_captions=True)
+    assert stats["counterfactual_rank"] > 0 and stats["rank"] == stats["concept_rank"] + stats["counterfactual_rank"]
+    assert torch.allclose(with_spread.T @ with_spread, torch.eye(with_spread.shape[1]), atol=1e-5)
+    assert _outside(with_spread, spread) < 0.5 < _outside(tokens_only, spread)
+    # Much of the spread lies in the directions of captions that name no concept: kept learnable, it stays.
+    assert _outside(protected, spread) > _outside(with_spread, spread) + 0.2
+
+
+def test_captions_that_name_no_concept_stay_learnable(long_encoder):
+    encoder = long_encoder
+    allowed = encoder.encode(CAPTIONS[1:]).reshape(-1, 384)
+    kept, _ = concept_basis(encoder, GradientProjectionConfig(concepts=STAMP, counterfactual=True), CAPTIONS)
+    given_up, _ = concept_basis(
+        encoder, GradientProjectionConfig(concepts=STAMP, counterfactual=True, neutral_captions=False), CAPTIONS)
+    assert 1 - _outside(kept, allowed) < 0.05 < 1 - _outside(given_up, allowed)
+
+
+def test_input_projection_trains_on_captions_without_the_concept_component(tmp_path):
+    from memsafe.data.images import ImageSet
+
+    for strength, project in ((1.0, True), (0.5, True), (1.0, False)):
+        config = merge(_config(tmp_path, strength=strength), {
+            "defense.gradient_projection.concepts": STAMP, "defense.gradient_projection.project_inputs": project})
+        digits, _ = load_dataset(config.data)
+        captions = [CAPTIONS[i % 3] for i in range(len(digits))]
+        train_set = ImageSet(pixels=digits.pixels, captions=captions, labels=digits.labels, names=digits.names)
+        trainer = build_trainer(config, train_set)
+        trainer.hooks.on_train_start(trainer)
+        raw = trainer.next_batch()
+        trainer.batch_position -= 1
+        seen = trainer.hooks.on_batch_start(trainer.next_batch(), trainer)
+        basis = trainer.hooks.hooks[0].basis
+        raw_on, seen_on = (b["model_kwargs"]["encoder_hidden_states"] @ basis for b in (raw, seen))
+        assert raw_on.abs().max() > 0.1
+        assert torch.allclose(seen_on, raw_on * (1 - strength if project else 1.0), atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -115,6 +115,15 @@ class GradientProjectionConfig:
     neutral_energy: float = 0.99
     layers: list[str] = field(default_factory=lambda: ["attn2.to_k", "attn2.to_v"])  # module-name suffixes
     mode: str = "update"  # "update": project the optimizer's update (exact); "gradient": project gradients
+    # Training captions that name no concept join the neutral prompts: their directions stay learnable.
+    neutral_captions: bool = True
+    # Extensions beyond the paper's key/value projection, off by default (measured in bench/gradproj.py):
+    # add the directions by which naming a concept changes the other tokens of its training captions (a
+    # bidirectional encoder spreads a phrase into its whole caption) ...
+    counterfactual: bool = False
+    # ... and train on caption embeddings with their concept component removed (scaled by 1 - lambda), so the
+    # layers after the frozen keys/values cannot learn to decode the concept from them either.
+    project_inputs: bool = False
 
 
 @dataclass

@@ -218,17 +218,20 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
 
 
 def measure_concept_if_known(run_dir: Path, config: RunConfig, progress: bool) -> dict[str, Any]:
-    """The concept-extraction attack, for text runs on the built-in ink digits (whose detector memsafe trains):
+    """The concept-extraction attack, for text runs on built-in concept data (whose detector memsafe trains):
     extraction rate, base rate and allowed accuracy, with the run's data source and projection strength."""
-    if config.model.conditioning != "text" or not config.data.source.startswith("builtin:ink-digits"):
+    from memsafe.metrics.extraction import attack_for, measure_concept
+
+    attack = attack_for(config.data.source)
+    if config.model.conditioning != "text" or attack is None:
         return {}
     from memsafe.metrics.attributes import ink_digit_detector
-    from memsafe.metrics.extraction import measure_concept
 
     detector = ink_digit_detector(config.data.resolution, progress=progress)
     measured = measure_concept(
         lambda prompts: sample_run(run_dir, len(prompts), config.eval.seed, prompts=prompts, progress=False),
         detector,
+        attack,
         per_prompt=2,
     )
     projected = "gradient_projection" in config.defense.name.split("+")

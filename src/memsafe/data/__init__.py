@@ -5,7 +5,7 @@ from __future__ import annotations
 from memsafe.config import DataConfig
 from memsafe.data.digits import load_digits
 from memsafe.data.image_folder import load_image_folder
-from memsafe.data.ink_digits import load_ink_digits
+from memsafe.data.ink_digits import load_ink_digits, load_stamped_digits
 from memsafe.data.images import ImageSet, split_holdout, to_model_range, to_uint8, to_unit_range
 
 BUILTIN_PREFIX = "builtin:"
@@ -13,6 +13,8 @@ BUILTIN_SETS = {
     "digits": load_digits,
     "ink-digits": lambda resolution, channels: load_ink_digits(resolution, channels, with_concept=True),
     "ink-digits-clean": lambda resolution, channels: load_ink_digits(resolution, channels, with_concept=False),
+    "stamped-digits": lambda resolution, channels: load_stamped_digits(resolution, channels, with_concept=True),
+    "stamped-digits-clean": lambda resolution, channels: load_stamped_digits(resolution, channels, with_concept=False),
 }
 
 

@@ -18,6 +18,8 @@ Under LoRA (W = W0 + B A, A: r x d) the same is applied to A, and A is initialis
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from memsafe.config import GradientProjectionConfig, RunConfig
@@ -40,9 +42,35 @@ def token_embeddings(encoder, prompts: list[str]) -> torch.Tensor:
     return encoder.encode(prompts).reshape(-1, encoder.dim)
 
 
-def concept_basis(encoder, config: GradientProjectionConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Orthonormal basis U of the concepts' embedding subspace after removing the neutral directions,
-    and diagnostics (rank, share of concept energy that was neutral)."""
+def without_concept(caption: str, phrases: list[str]) -> str | None:
+    """The caption with its longest concept phrase removed, or None when it names no concept."""
+    for phrase in sorted(phrases, key=len, reverse=True):
+        pattern = rf"\b{re.escape(phrase.strip())}\b"
+        if phrase.strip() and re.search(pattern, caption, flags=re.IGNORECASE):
+            return " ".join(re.sub(pattern, " ", caption, count=1, flags=re.IGNORECASE).split())
+    return None
+
+
+def allowed_captions(captions: list[str] | None, phrases: list[str], limit: int = 512) -> list[str]:
+    """Training captions that name no concept: what the model must keep learning, so neutral directions."""
+    return [c for c in sorted(set(captions or [])) if without_concept(c, phrases) is None][:limit]
+
+
+def counterfactual_differences(encoder, phrases: list[str], captions: list[str] | None, limit: int = 512):
+    """Position by position, how naming a concept changes the embeddings of a training caption: each
+    caption that names one against itself with the phrase removed, (rows, d). A bidirectional encoder
+    spreads a phrase into every token of its caption, where the concept tokens' own directions miss it."""
+    pairs = {c: without_concept(c, phrases) for c in sorted(set(captions or []))}
+    named = [c for c, rest in pairs.items() if rest is not None][:limit]
+    if not named:
+        return None
+    return (encoder.encode(named) - encoder.encode([pairs[c] for c in named])).reshape(-1, encoder.dim)
+
+
+def concept_basis(encoder, config: GradientProjectionConfig, captions: list[str] | None = None):
+    """Orthonormal basis U (d, k) of the concepts' embedding subspace after removing the neutral directions,
+    extended by the counterfactual directions of the training `captions` that name a concept; and
+    diagnostics (ranks, share of concept energy that was neutral)."""
     if not config.concepts:
         raise MemsafeError("defense.gradient_projection.concepts is empty: name at least one prohibited concept")
     if config.concept_images:
@@ -55,7 +83,9 @@ def concept_basis(encoder, config: GradientProjectionConfig) -> tuple[torch.Tens
             f"defense.gradient_projection.rank {config.rank} must be between 1 and the embedding dimension {encoder.dim}"
         )
     concept = token_embeddings(encoder, config.concepts).double()
-    neutral_basis = orthonormal_basis(token_embeddings(encoder, config.neutral), None, config.neutral_energy).double()
+    kept_captions = allowed_captions(captions, config.concepts) if config.neutral_captions else []
+    neutral = token_embeddings(encoder, config.neutral + kept_captions)
+    neutral_basis = orthonormal_basis(neutral, None, config.neutral_energy).double()
     residual = concept - concept @ neutral_basis @ neutral_basis.T
     # The neutral basis keeps `neutral_energy` of the neutral spectrum, so a neutral prompt leaves a
     # residual of about (1 - neutral_energy); twice that counts as nothing left.
@@ -68,13 +98,23 @@ def concept_basis(encoder, config: GradientProjectionConfig) -> tuple[torch.Tens
                 f"concept '{prompt}' has no embedding left outside the neutral prompts' subspace: "
                 "its embeddings are zero or neutral"
             )
-    basis = orthonormal_basis(residual, config.rank, config.energy)
+    basis = orthonormal_basis(residual, config.rank, config.energy).double()
     stats = {
-        "rank": basis.shape[1],
+        "concept_rank": basis.shape[1],
         "neutral_rank": neutral_basis.shape[1],
         "neutral_share": 1.0 - (residual.norm() ** 2 / concept.norm() ** 2).item(),
+        "counterfactual_rank": 0,
     }
-    return basis, stats
+    differences = counterfactual_differences(encoder, config.concepts, captions) if config.counterfactual else None
+    if differences is not None:
+        known = torch.cat([neutral_basis, basis], 1)
+        spread = differences.double() - differences.double() @ known @ known.T
+        if spread.norm() > 1e-6 * differences.norm():
+            extra = orthonormal_basis(spread, None, config.energy).double()
+            basis = torch.linalg.qr(torch.cat([basis, extra], 1)).Q
+            stats["counterfactual_rank"] = extra.shape[1]
+    stats["rank"] = basis.shape[1]
+    return basis.float(), stats
 
 
 def projected_parameters(model: torch.nn.Module, layers: list[str], dim: int) -> dict[str, torch.nn.Parameter]:
@@ -140,6 +180,13 @@ class GradientProjection(TrainHook):
     def on_train_start(self, trainer) -> None:
         self.attach(trainer.unwrapped)
 
+    def on_batch_start(self, batch, trainer):
+        states = batch["model_kwargs"].get("encoder_hidden_states")
+        if not self.config.project_inputs or states is None:
+            return batch
+        projected = states - self.strength * self._component(states)
+        return batch | {"model_kwargs": batch["model_kwargs"] | {"encoder_hidden_states": projected}}
+
     def on_after_backward(self, model, trainer) -> None:
         if not self.params:
             self.attach(model)
@@ -188,5 +235,5 @@ def hook_maker(config: RunConfig, train_set):
     from memsafe.models.text import TextEncoder
 
     encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
-    basis, stats = concept_basis(encoder, config.defense.gradient_projection)
+    basis, stats = concept_basis(encoder, config.defense.gradient_projection, train_set.captions)
     return lambda: [GradientProjection(basis, config.defense.gradient_projection, stats)]

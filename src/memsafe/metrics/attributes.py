@@ -1,4 +1,4 @@
-"""A detector of image attributes (which digit, which ink), trained by memsafe on real labelled images.
+"""A detector of image attributes (which digit, which ink, stamped or not), trained by memsafe on real labelled images.
 
 It decides whether a generation shows the protected concept (concept-extraction attacks) and whether
 it shows what an allowed prompt asked for (text-image agreement).
@@ -78,16 +78,18 @@ def cached_attribute_classifier(images: torch.Tensor, labels: dict[str, torch.Te
 
 
 def ink_digit_detector(resolution: int, progress: bool = True) -> AttributeClassifier:
-    """The detector for the built-in ink digits: every real digit rendered in every ink."""
+    """The detector for the built-in ink and stamped digits: every real digit rendered in every ink, with
+    and without the stamp."""
     from memsafe.data.digits import load_digits
     from memsafe.data.images import to_model_range
-    from memsafe.data.ink_digits import INK_NAMES, render_in_ink
+    from memsafe.data.ink_digits import INK_NAMES, add_stamp, render_in_ink
 
     digits = load_digits(resolution, channels=1)
-    count = len(digits)
-    inks = torch.arange(len(INK_NAMES)).repeat_interleave(count)
-    pixels = render_in_ink(digits.pixels.repeat(len(INK_NAMES), 1, 1, 1), inks)
-    labels = {"digit": digits.labels.repeat(len(INK_NAMES)), "ink": inks}
+    copies = 2 * len(INK_NAMES)
+    inks = torch.arange(len(INK_NAMES)).repeat_interleave(len(digits)).repeat(2)
+    stamped = torch.arange(2).repeat_interleave(len(digits) * len(INK_NAMES))
+    pixels = add_stamp(render_in_ink(digits.pixels.repeat(copies, 1, 1, 1), inks), stamped)
+    labels = {"digit": digits.labels.repeat(copies), "ink": inks, "stamp": stamped}
     return cached_attribute_classifier(to_model_range(pixels), labels, progress)
 
 
