@@ -104,8 +104,12 @@ class TimedHook(TrainHook):
 
     def _timed(self, method, *args):
         started = time.perf_counter()
-        method(*args)
+        result = method(*args)
         self.seconds += time.perf_counter() - started
+        return result
+
+    def on_batch_start(self, batch, trainer):
+        return self._timed(self.hook.on_batch_start, batch, trainer)
 
     def on_after_backward(self, model, trainer):
         self._timed(self.hook.on_after_backward, model, trainer)
@@ -185,7 +189,7 @@ def main() -> None:
             print(json.dumps({"variant": name, **record}), flush=True)
             write(runs, {}, out, args)
     overhead = {}
-    for name in ("gp_lambda_1", "gp_lora_lambda_1"):
+    for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1"):
         if name in runs:
             config = merge(base, finetune_overrides(work, source, args.steps) | all_variants[name]
                            | {"output_dir": str(work / "overhead")})

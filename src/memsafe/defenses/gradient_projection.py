@@ -14,6 +14,10 @@ Two modes:
 
 Under LoRA (W = W0 + B A, A: r x d) the same is applied to A, and A is initialised as A (I - U U^T), so
 (B A) u = 0 stays true whatever B learns.
+
+Two opt-in extensions (bench/gradproj.py measures both): `counterfactual` adds the directions by which a
+concept phrase changes the other tokens of its training captions, and `project_inputs` trains on caption
+embeddings without their concept component, so layers after the frozen keys/values cannot decode it.
 """
 
 from __future__ import annotations
@@ -217,7 +221,7 @@ class GradientProjection(TrainHook):
         total = float(self.total_sq)
         share = (float(self.removed_sq) / total) ** 0.5 if total else 0.0
         self.removed_sq = self.total_sq = 0.0
-        return {"removed_grad_norm": share}
+        return {"removed_grad_norm": share, "rank": float(self.basis.shape[1])}
 
     def state_dict(self):
         return {"basis": self.basis, "strength": self.strength}
