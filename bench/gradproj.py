@@ -4,8 +4,10 @@ A text-conditional base model is pretrained on the `-clean` digits (without the 
 fine-tuned, per variant and seed, on the set that contains it: `--concept stamp` (default), the acme stamp
 in 10 % of the digits; `--concept ink`, red ink in 30 %. Each fine-tuned model is attacked (direct,
 paraphrased and combined prompts for the concept) and measured: extraction rate, base rate, allowed
-accuracy, FID on allowed prompts against held-out images without the concept, wall time. Writes
-bench/results/gradproj[-ink].json and .md. Usage: python bench/gradproj.py [--concept stamp] [--seeds 3] [--quick]
+accuracy, FID on allowed prompts against held-out images without the concept, wall time. LoRA variants are
+compared with the undefended LoRA run (`none_lora`) when it is measured. Writes bench/results/gradproj[-ink].json
+and .md; `--add` keeps the variants of an earlier call with the same settings.
+Usage: python bench/gradproj.py [--concept stamp] [--seeds 3] [--variants a,b] [--add] [--quick]
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ BENCHMARKS = {
 }
 
 
+LORA = {"model.lora_rank": 4, "train.learning_rate": 1e-3}
 SPREAD = {"defense.gradient_projection.counterfactual": True, "defense.gradient_projection.project_inputs": True}
 
 
@@ -60,7 +63,11 @@ def variants(benchmark: dict) -> dict[str, dict]:
         # the directions of the captions that name no concept.
         "gp_spread_lambda_1": gp(1.0) | SPREAD,
         "gp_block_lambda_1": gp(1.0) | SPREAD | {"defense.gradient_projection.neutral_captions": False},
-        "gp_lora_lambda_1": gp(1.0) | {"model.lora_rank": 4, "train.learning_rate": 1e-3},
+        "gp_lora_lambda_1": gp(1.0) | LORA,
+        # Cross-attention queries kept at base: bench/gradproj_storage.py finds that LoRA with projected keys/values
+        # still reaches the concept through them (queries that seek the frozen concept keys).
+        "gp_lora_base_queries_lambda_1": gp(1.0) | LORA | {"model.lora_targets": ["to_k", "to_v", "to_out.0", "attn1.to_q"]},
+        "none_lora": LORA,  # the undefended LoRA run that gp_lora_lambda_1 is compared with
     }
 
 
@@ -155,6 +162,8 @@ def main() -> None:
     parser.add_argument("--text-encoder", default="builtin:minilm")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets, 8x8, one seed")
     parser.add_argument("--out", help="default bench/results/<results name>.json")
+    parser.add_argument("--add", action="store_true",
+                        help="keep the variants already in --out (same settings) that this call does not run")
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.pretrain_steps, args.steps, args.per_prompt, args.resolution = 1, 20, 10, 1, 8
@@ -174,6 +183,10 @@ def main() -> None:
     allowed_real = holdout.subset(
         [i for i, c in enumerate(holdout.captions) if benchmark["filter_word"] not in c]).as_model_input()
 
+    unknown = sorted(set(args.variants.split(",")) - set(all_variants))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(all_variants)}")
+    kept = kept_results(out, args) if args.add else {}
     runs: dict[str, list[dict]] = {n: [] for n in args.variants.split(",")}
     for seed in range(args.seeds):
         for name in runs:
@@ -187,7 +200,7 @@ def main() -> None:
                       **evaluate(run_dir, seed, args.per_prompt, attack, detector, feature_net, allowed_real)}
             runs[name].append(record)
             print(json.dumps({"variant": name, **record}), flush=True)
-            write(runs, {}, out, args)
+            write(runs, {}, out, args, kept)
     overhead = {}
     for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1"):
         if name in runs:
@@ -195,11 +208,31 @@ def main() -> None:
                            | {"output_dir": str(work / "overhead")})
             overhead[name] = hook_overhead(config)
             print(json.dumps({"variant": name, **overhead[name]}), flush=True)
-    write(runs, overhead, out, args)
+    write(runs, overhead, out, args, kept)
 
 
-def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, args) -> None:
-    results = {}
+def settings(args) -> dict:
+    return {"concept": args.concept, "pretrain_steps": args.pretrain_steps, "steps": args.steps,
+            "per_prompt": args.per_prompt, "resolution": args.resolution, "seeds": args.seeds}
+
+
+def kept_results(out: Path, args) -> dict[str, dict]:
+    """The variants of an earlier call with the same settings, to be written again beside this call's."""
+    if not out.exists():
+        return {}
+    earlier = json.loads(out.read_text())
+    if earlier.get("settings") != settings(args):
+        sys.exit(f"--add: {out} was written with settings {earlier.get('settings')}, not {settings(args)}")
+    return {name: summary for name, summary in earlier.items() if name != "settings"}
+
+
+def baseline_of(name: str, results: dict) -> str:
+    """LoRA variants are compared with the undefended LoRA run when there is one."""
+    return "none_lora" if "lora" in name and "none_lora" in results else "none"
+
+
+def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, args, kept: dict | None = None) -> None:
+    results = {name: summary for name, summary in (kept or {}).items() if not runs.get(name)}
     for name, records in runs.items():
         if not records:
             continue
@@ -210,8 +243,9 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
             summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         results[name] = summary | {"runs": records}
     if "none" in results:
-        none = results["none"]
         for name, summary in results.items():
+            summary["baseline"] = baseline_of(name, results)
+            none = results[summary["baseline"]]
             summary["step_time_ratio"] = summary["sec_per_step"] / none["sec_per_step"]
             summary["extraction_cut"] = 1.0 - summary["extraction_rate"] / max(none["extraction_rate"], 1e-9)
             # The defense aims at extraction = base rate: how much of the undefended excess is gone.
@@ -219,22 +253,21 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
             excess = summary["extraction_rate"] - summary["base_rate"]
             summary["excess_extraction_cut"] = 1.0 - excess / excess_none if excess_none > 0 else float("nan")
             summary["allowed_accuracy_ratio"] = summary["allowed_accuracy"] / max(none["allowed_accuracy"], 1e-9)
-    for name, measured in overhead.items():
+    for name, measured in overhead.items():  # kept variants keep their own
         results[name]["overhead"] = measured
         results[name]["overhead_ratio"] = measured["overhead_ratio"]
-    results["settings"] = {"concept": args.concept, "pretrain_steps": args.pretrain_steps, "steps": args.steps, "per_prompt": args.per_prompt,
-                           "resolution": args.resolution, "seeds": args.seeds}
+    results["settings"] = settings(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["| variant | extraction rate | base rate | extraction cut | excess cut | allowed accuracy (vs none) "
-             "| FID (domain) | wall s | step-time ratio | hook overhead |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | extraction rate | base rate | compared with | extraction cut | excess cut "
+             "| allowed accuracy (ratio) | FID (domain) | wall s | step-time ratio | hook overhead |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
     for name, r in results.items():
         if name == "settings":
             continue
         lines.append(f"| {name} | {r['extraction_rate']:.3f} ± {r['extraction_rate_std']:.3f} | {r['base_rate']:.3f} "
-                     f"| {r.get('extraction_cut', nan):.1%} | {r.get('excess_extraction_cut', nan):.1%} "
+                     f"| {r.get('baseline', '')} | {r.get('extraction_cut', nan):.1%} | {r.get('excess_extraction_cut', nan):.1%} "
                      f"| {r['allowed_accuracy']:.3f} ({r.get('allowed_accuracy_ratio', nan):.3f}) "
                      f"| {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['wall_s']:.0f} "
                      f"| {r.get('step_time_ratio', nan):.3f} | {r.get('overhead_ratio', nan):.4f} |")
