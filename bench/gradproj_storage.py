@@ -1,7 +1,7 @@
 """Where a fine-tuned model keeps the protected concept: the gradient-projection benchmark's runs, taken apart.
 
-For each run (by default the seed-0 `none` and `gp_lambda_1` runs of `bench/gradproj.py --concept stamp`) the
-UNet's parameters are split into groups: the cross-attention key/value projections that read the text (what
+For each run (by default the seed-0 `none`, `gp_lambda_1`, `none_lora` and `gp_lora_lambda_1` runs of
+`bench/gradproj.py --concept stamp`) the UNet's parameters are split into groups: the cross-attention key/value projections that read the text (what
 gradient projection freezes along the concept), the cross-attention queries, the cross-attention output
 projection, the rest of the transformer blocks, and the convolutional rest. Each group is measured two ways
 against the pretrained base: only that group fine-tuned (the rest at base), and every group but that one.
@@ -75,7 +75,7 @@ def take_apart(run_dir: Path, per_prompt: int) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     work = Path("runs/bench-gradproj")
-    parser.add_argument("runs", nargs="*", default=[str(work / n) for n in ("none-0", "gp_lambda_1-0")])
+    parser.add_argument("runs", nargs="*", default=[str(work / n) for n in ("none-0", "gp_lambda_1-0", "none_lora-0", "gp_lora_lambda_1-0")])
     parser.add_argument("--per-prompt", type=int, default=4)
     parser.add_argument("--out", default=str(RESULTS / "gradproj_storage.json"))
     args = parser.parse_args()
