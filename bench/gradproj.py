@@ -27,7 +27,7 @@ from memsafe.metrics.attributes import ink_digit_detector
 from memsafe.metrics.extraction import ConceptAttack, attack_for, measure_concept
 from memsafe.metrics.features import domain_feature_net
 from memsafe.metrics.fid import fid_with_features
-from memsafe.runs import read_status, sample_run, train_run
+from memsafe.runs import read_status, run_prompt_sampler, train_run
 from memsafe.train.hooks import TrainHook
 
 RESULTS = Path(__file__).parent / "results"
@@ -94,9 +94,7 @@ def finetune_overrides(work: Path, source: str, steps: int) -> dict:
 
 def evaluate(run_dir: Path, seed: int, per_prompt: int, attack: ConceptAttack, detector, feature_net,
              allowed_real: torch.Tensor) -> dict:
-    def generate(prompts: list[str]) -> torch.Tensor:
-        return sample_run(run_dir, len(prompts), seed, prompts=prompts, progress=False)
-
+    generate = run_prompt_sampler(run_dir, seed)
     measured = measure_concept(generate, detector, attack, per_prompt=per_prompt)
     allowed = generate([p for p, _, _ in attack.allowed_prompts() for _ in range(per_prompt)])
     measured["fid"] = fid_with_features(allowed_real, allowed, feature_net)
@@ -172,6 +170,10 @@ def main() -> None:
     source, all_variants, attack = benchmark["source"], variants(benchmark), attack_for(benchmark["source"])
     work = Path(args.work or f"runs/bench-{benchmark['results']}")
     out = Path(args.out or RESULTS / f"{benchmark['results']}.json")
+    unknown = sorted(set(args.variants.split(",")) - set(all_variants))
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(all_variants)}")
+    kept = kept_results(out, args) if args.add else {}
     progress = sys.stderr.isatty()
     base = config_from_dict(base_config(work, source, args.resolution, args.pretrain_steps, args.text_encoder))
     if read_status(work / "base")["status"] != "complete":
@@ -183,10 +185,6 @@ def main() -> None:
     allowed_real = holdout.subset(
         [i for i, c in enumerate(holdout.captions) if benchmark["filter_word"] not in c]).as_model_input()
 
-    unknown = sorted(set(args.variants.split(",")) - set(all_variants))
-    if unknown:
-        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(all_variants)}")
-    kept = kept_results(out, args) if args.add else {}
     runs: dict[str, list[dict]] = {n: [] for n in args.variants.split(",")}
     for seed in range(args.seeds):
         for name in runs:

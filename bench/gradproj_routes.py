@@ -19,7 +19,7 @@ import torch
 from memsafe.data.digits import DIGIT_NAMES
 from memsafe.data.ink_digits import INK_NAMES
 from memsafe.metrics.attributes import ink_digit_detector
-from memsafe.runs import load_run_config, sample_run
+from memsafe.runs import load_run_config, run_prompt_sampler
 
 RESULTS = Path(__file__).parent / "results"
 INK_PHRASES = {"red": " in red ink", "blue": " in blue ink", "green": " in green ink", "purple (unseen)": " in purple ink",
@@ -28,10 +28,11 @@ INK_PHRASES = {"red": " in red ink", "blue": " in blue ink", "green": " in green
 
 def ink_shares(run_dir: Path, per_digit: int) -> dict[str, dict[str, float]]:
     detector = ink_digit_detector(load_run_config(run_dir).data.resolution, progress=False)
+    sample = run_prompt_sampler(run_dir, 0)
     shares = {}
     for label, phrase in INK_PHRASES.items():
         prompts = [f"a handwritten digit {DIGIT_NAMES[d]}{phrase}" for d in range(10) for _ in range(per_digit)]
-        inks = detector.predict(sample_run(run_dir, len(prompts), 0, prompts=prompts, progress=False))["ink"]
+        inks = detector.predict(sample(prompts))["ink"]
         counts = torch.bincount(inks, minlength=len(INK_NAMES)).float() / len(prompts)
         shares[label] = {ink: round(counts[i].item(), 3) for i, ink in enumerate(INK_NAMES)}
     return shares

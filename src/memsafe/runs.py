@@ -146,40 +146,63 @@ def load_run_unet(run_dir: Path, config: RunConfig) -> torch.nn.Module:
     return unet_class(config.model).from_pretrained(folder / "unet", local_files_only=True).eval()
 
 
+def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress: bool = False):
+    """A function from prompts to one model-range image each, sampled from the text-conditional `unet` with
+    the run's text encoder, sampler and guidance; the encoder is loaded once for every call."""
+    from memsafe.models.text import TextEncoder
+
+    encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+    noise_scheduler = build_noise_scheduler(config.model)
+    uncond = encoder.encode([""])
+
+    def sample(prompts: list[str]) -> torch.Tensor:
+        return generate(
+            unet,
+            noise_scheduler,
+            len(prompts),
+            steps=config.eval.sampling_steps,
+            batch_size=config.eval.batch_size,
+            seed=seed,
+            progress=progress,
+            encoder_hidden_states=encoder.encode(prompts),
+            uncond_hidden_states=uncond,
+            guidance_scale=config.eval.guidance_scale,
+        )
+
+    return sample
+
+
+def run_prompt_sampler(run_dir: Path, seed: int):
+    """`prompt_sampler` for a finished text run, its UNet loaded once."""
+    config = load_run_config(run_dir)
+    return prompt_sampler(load_run_unet(run_dir, config), config, seed)
+
+
 def sample_run(
     run_dir: Path, num_images: int, seed: int, prompts: list[str] | None = None, progress: bool = True
 ) -> torch.Tensor:
     """Samples from a finished run; a text run without `prompts` uses training captions drawn with `seed`."""
     config = load_run_config(run_dir)
     unet = load_run_unet(run_dir, config)
-    conditioning = {}
-    if config.model.conditioning == "text":
-        from memsafe.models.text import TextEncoder
-
-        if prompts is None:
-            captions = load_dataset(config.data)[0].captions or [""]
-            pick = torch.randint(len(captions), (num_images,), generator=torch.Generator().manual_seed(seed))
-            prompts = [captions[i] for i in pick.tolist()]
-        elif len(prompts) != num_images:
-            prompts = [prompts[i % len(prompts)] for i in range(num_images)]
-        encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
-        conditioning = {
-            "encoder_hidden_states": encoder.encode(prompts),
-            "uncond_hidden_states": encoder.encode([""]),
-            "guidance_scale": config.eval.guidance_scale,
-        }
-    elif prompts:
-        raise MemsafeError(f"run {run_dir} is unconditional: it takes no prompts")
-    return generate(
-        unet,
-        build_noise_scheduler(config.model),
-        num_images,
-        steps=config.eval.sampling_steps,
-        batch_size=config.eval.batch_size,
-        seed=seed,
-        progress=progress,
-        **conditioning,
-    )
+    if config.model.conditioning != "text":
+        if prompts:
+            raise MemsafeError(f"run {run_dir} is unconditional: it takes no prompts")
+        return generate(
+            unet,
+            build_noise_scheduler(config.model),
+            num_images,
+            steps=config.eval.sampling_steps,
+            batch_size=config.eval.batch_size,
+            seed=seed,
+            progress=progress,
+        )
+    if prompts is None:
+        captions = load_dataset(config.data)[0].captions or [""]
+        pick = torch.randint(len(captions), (num_images,), generator=torch.Generator().manual_seed(seed))
+        prompts = [captions[i] for i in pick.tolist()]
+    elif len(prompts) != num_images:
+        prompts = [prompts[i % len(prompts)] for i in range(num_images)]
+    return prompt_sampler(unet, config, seed, progress)(prompts)
 
 
 def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
@@ -229,7 +252,7 @@ def measure_concept_if_known(run_dir: Path, config: RunConfig, progress: bool) -
 
     detector = ink_digit_detector(config.data.resolution, progress=progress)
     measured = measure_concept(
-        lambda prompts: sample_run(run_dir, len(prompts), config.eval.seed, prompts=prompts, progress=False),
+        prompt_sampler(load_run_unet(run_dir, config), config, config.eval.seed),
         detector,
         attack,
         per_prompt=2,

@@ -34,8 +34,12 @@ class ConceptAttack:
     neutral_template: str  # a prompt that does not ask for the concept ({digit}, and {ink} if it names one)
     allowed_inks: tuple[str, ...]
 
+    def _ink_for(self, digit: int) -> str:
+        """The allowed ink named beside the digit in prompts that name one (inks taken in turn)."""
+        return self.allowed_inks[digit % len(self.allowed_inks)]
+
     def attack_prompts(self) -> list[tuple[str, int]]:
-        return [(t.format(digit=DIGIT_NAMES[d], ink=self.allowed_inks[d % len(self.allowed_inks)]), d)
+        return [(t.format(digit=DIGIT_NAMES[d], ink=self._ink_for(d)), d)
                 for t in self.attack_templates.values() for d in range(10)]
 
     def allowed_prompts(self) -> list[tuple[str, int, int]]:
@@ -43,8 +47,7 @@ class ConceptAttack:
                 for ink in self.allowed_inks for d in range(10)]
 
     def neutral_prompts(self) -> list[tuple[str, int]]:
-        return [(self.neutral_template.format(digit=DIGIT_NAMES[d], ink=self.allowed_inks[d % len(self.allowed_inks)]), d)
-                for d in range(10)]
+        return [(self.neutral_template.format(digit=DIGIT_NAMES[d], ink=self._ink_for(d)), d) for d in range(10)]
 
 
 RED_INK = ConceptAttack(
