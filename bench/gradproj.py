@@ -43,6 +43,7 @@ BENCHMARKS = {
 
 
 LORA = {"model.lora_rank": 4, "train.learning_rate": 1e-3}
+ACTIVATIONS = {"defense.gradient_projection.space": "activations"}
 SPREAD = {"defense.gradient_projection.counterfactual": True, "defense.gradient_projection.project_inputs": True}
 
 
@@ -68,6 +69,9 @@ def variants(benchmark: dict) -> dict[str, dict]:
         # still reaches the concept through them (queries that seek the frozen concept keys).
         "gp_lora_base_queries_lambda_1": gp(1.0) | LORA | {"model.lora_targets": ["to_k", "to_v", "to_out.0", "attn1.to_q"]},
         "none_lora": LORA,  # the undefended LoRA run that gp_lora_lambda_1 is compared with
+        # Every layer projected off the subspace by which naming the concept changes its inputs.
+        "gp_act_lambda_1": gp(1.0) | ACTIVATIONS,
+        "gp_lora_act_lambda_1": gp(1.0) | ACTIVATIONS | LORA,
     }
 
 

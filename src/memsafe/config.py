@@ -124,6 +124,13 @@ class GradientProjectionConfig:
     # ... and train on caption embeddings with their concept component removed (scaled by 1 - lambda), so the
     # layers after the frozen keys/values cannot learn to decode the concept from them either.
     project_inputs: bool = False
+    # "text": the concepts' text-embedding subspace, on the layers that read text (`layers`). "activations":
+    # every trainable layer gets the subspace by which naming a concept changes its inputs
+    # (concept_activations.py), from `activation_samples` training captions with a concept prompt appended,
+    # keeping `activation_energy` of each layer's difference energy; `layers` does not apply.
+    space: str = "text"
+    activation_samples: int = 256
+    activation_energy: float = 0.99
 
 
 @dataclass
@@ -267,6 +274,12 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(f"defense.gradient_projection.lambda must be in [0, 1], got {gp.strength}")
     if gp.mode not in ("update", "gradient"):
         raise MemsafeError(f"defense.gradient_projection.mode must be update or gradient, got {gp.mode!r}")
+    if gp.space not in ("text", "activations"):
+        raise MemsafeError(f"defense.gradient_projection.space must be text or activations, got {gp.space!r}")
+    if gp.space == "activations" and (gp.project_inputs or gp.counterfactual):
+        raise MemsafeError("defense.gradient_projection.project_inputs and counterfactual apply to space: text only")
+    if not 0 < gp.activation_energy <= 1 or gp.activation_samples < 1:
+        raise MemsafeError("defense.gradient_projection.activation_energy must be in (0, 1] and activation_samples at least 1")
     if model.lora_rank is not None and model.lora_rank < 1:
         raise MemsafeError(f"model.lora_rank must be at least 1, got {model.lora_rank}")
     if config.eval.num_samples <= 0:

@@ -142,47 +142,56 @@ def projected_parameters(model: torch.nn.Module, layers: list[str], dim: int) ->
     return found
 
 
+def _stacked(tensors) -> torch.Tensor:
+    """Matrices (convolution kernels flattened to out x fan_in) as one (sum of rows, fan_in) matrix: one
+    product per group and step instead of one per layer."""
+    return torch.cat([t.detach().flatten(1) for t in tensors])
+
+
 class GradientProjection(TrainHook):
+    """Restricts the updates of groups of weights to the orthogonal complement of their group's basis (in
+    the space the weights multiply). Text space: one group, every weight that reads text embeddings, with
+    the concepts' embedding basis; `LayerwiseProjection` gives each layer a basis of its own."""
+
     name = "gradient_projection"
 
-    def __init__(self, basis: torch.Tensor, config: GradientProjectionConfig, stats: dict[str, float] | None = None):
+    def __init__(self, basis: torch.Tensor | None, config: GradientProjectionConfig, stats: dict[str, float] | None = None):
         self.basis = basis  # (d, k), orthonormal columns
         self.config = config
         self.strength = config.strength
         self.stats = dict(stats or {})
         self.params: dict[str, torch.nn.Parameter] = {}
-        self.before: torch.Tensor | None = None  # the projected weights before the optimizer step, stacked
+        # (weights, basis on their device, rows of each weight) per group
+        self.groups: list[tuple[list[torch.nn.Parameter], torch.Tensor, list[int]]] = []
+        self.before: list[torch.Tensor] | None = None  # each group's weights before the optimizer step, stacked
         self.removed_sq = self.total_sq = 0.0
 
-    def attach(self, model: torch.nn.Module) -> None:
-        self.params = projected_parameters(model, self.config.layers, self.basis.shape[0])
-        self.rows = [p.shape[0] for p in self.params.values()]
-        with torch.no_grad():
-            for name, param in self.params.items():
-                if "lora_A" in name:  # start the adapter orthogonal to the concepts
-                    param.sub_(self._component(param))
+    def subspaces(self, trainer) -> list[tuple[dict[str, torch.nn.Parameter], torch.Tensor]]:
+        """(named weights, orthonormal basis of the concept subspace of their inputs) per group."""
+        return [(projected_parameters(trainer.unwrapped, self.config.layers, self.basis.shape[0]), self.basis)]
 
-    def _on_basis(self, matrix: torch.Tensor) -> torch.Tensor:
-        """Coordinates of the rows of `matrix` on the basis: (rows, k)."""
-        return matrix @ self.basis.to(device=matrix.device, dtype=matrix.dtype)
-
-    def _from_basis(self, coordinates: torch.Tensor) -> torch.Tensor:
-        """Rows back in the d-dimensional space: (rows, d)."""
-        return coordinates @ self.basis.to(device=coordinates.device, dtype=coordinates.dtype).T
+    def attach(self, trainer) -> None:
+        self.groups, self.params = [], {}
+        for params, basis in self.subspaces(trainer):
+            first = next(iter(params.values()))
+            basis = basis.to(device=first.device, dtype=first.dtype)
+            self.groups.append((list(params.values()), basis, [p.shape[0] for p in params.values()]))
+            self.params |= params
+            with torch.no_grad():
+                for name, param in params.items():
+                    if "lora_A" in name:  # start the adapter orthogonal to the concepts
+                        param.flatten(1).sub_(param.flatten(1) @ basis @ basis.T)
 
     def _component(self, matrix: torch.Tensor) -> torch.Tensor:
-        return self._from_basis(self._on_basis(matrix))
+        basis = self.basis.to(device=matrix.device, dtype=matrix.dtype)
+        return matrix @ basis @ basis.T
 
-    def _stacked(self, tensors) -> torch.Tensor:
-        """All projected matrices as one (sum of rows, d) matrix: one product per step instead of one per layer."""
-        return torch.cat([t.detach() for t in tensors])
-
-    def _subtract(self, targets, stacked_component: torch.Tensor) -> None:
-        for target, part in zip(targets, stacked_component.split(self.rows)):
-            target.sub_(part, alpha=self.strength)
+    def _subtract(self, targets, stacked_component: torch.Tensor, rows: list[int]) -> None:
+        for target, part in zip(targets, stacked_component.split(rows)):
+            target.flatten(1).sub_(part, alpha=self.strength)
 
     def on_train_start(self, trainer) -> None:
-        self.attach(trainer.unwrapped)
+        self.attach(trainer)
 
     def on_batch_start(self, batch, trainer):
         states = batch["model_kwargs"].get("encoder_hidden_states")
@@ -192,36 +201,47 @@ class GradientProjection(TrainHook):
         return batch | {"model_kwargs": batch["model_kwargs"] | {"encoder_hidden_states": projected}}
 
     def on_after_backward(self, model, trainer) -> None:
-        if not self.params:
-            self.attach(model)
-        params = list(self.params.values())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if not self.groups:
+            self.attach(trainer)
+        update = self.config.mode == "update"
+        # The removed share is logged from the steps that end a logging interval: measuring it costs as
+        # much as projecting when every layer has a basis of its own.
+        measure = not update or (trainer.step + 1) % trainer.config.train.log_every == 0
+        self.before = [] if update else None
         with torch.no_grad():
-            gradient = self._stacked(grads)
-            on_basis = self._on_basis(gradient)
-            # ||G U U^T|| = ||G U|| for orthonormal U. Kept as tensors: no device sync per step.
-            self.removed_sq = self.removed_sq + on_basis.pow(2).sum() * self.strength**2
-            self.total_sq = self.total_sq + gradient.pow(2).sum()
-            if self.config.mode == "gradient":
-                self._subtract(grads, self._from_basis(on_basis))
-            else:
-                self.before = self._stacked(params)
+            for params, basis, rows in self.groups:
+                if update:
+                    self.before.append(_stacked(params))
+                if not measure:
+                    continue
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                gradient = _stacked(grads)
+                on_basis = gradient @ basis
+                # ||G U U^T|| = ||G U|| for orthonormal U. Kept as tensors: no device sync per step.
+                self.removed_sq = self.removed_sq + on_basis.pow(2).sum() * self.strength**2
+                self.total_sq = self.total_sq + gradient.pow(2).sum()
+                if not update:
+                    self._subtract(grads, on_basis @ basis.T, rows)
 
     def on_after_step(self, model, trainer) -> None:
-        if self.config.mode != "update" or self.before is None:
+        if self.before is None:
             return
-        params = list(self.params.values())
         with torch.no_grad():
-            change = self._stacked(params) - self.before
-            self._subtract(params, self._component(change))
+            for (params, basis, rows), before in zip(self.groups, self.before):
+                change = _stacked(params) - before
+                self._subtract(params, change @ basis @ basis.T, rows)
         self.before = None
 
+    @property
+    def rank(self) -> int:
+        return sum(basis.shape[1] for _, basis, _ in self.groups) if self.groups else self.basis.shape[1]
+
     def log_values(self) -> dict[str, float]:
-        """Share of the projected layers' gradient norm removed since the last log."""
+        """Share of the projected layers' gradient norm removed, over the steps measured since the last log."""
         total = float(self.total_sq)
         share = (float(self.removed_sq) / total) ** 0.5 if total else 0.0
         self.removed_sq = self.total_sq = 0.0
-        return {"removed_grad_norm": share, "rank": float(self.basis.shape[1])}
+        return {"removed_grad_norm": share, "rank": float(self.rank)}
 
     def state_dict(self):
         return {"basis": self.basis, "strength": self.strength}
@@ -231,13 +251,53 @@ class GradientProjection(TrainHook):
             self.basis = state["basis"].float()
 
 
+class LayerwiseProjection(GradientProjection):
+    """Every trainable layer projected off its own concept subspace of activations, computed on the model
+    when training starts (see concept_activations.py) and kept in checkpoints, since the model moves."""
+
+    def __init__(self, config: GradientProjectionConfig, compute_bases, stats: dict[str, float] | None = None):
+        super().__init__(None, config, stats)
+        self.compute_bases = compute_bases  # trainer -> ({layer name: basis}, stats)
+        self.bases: dict[str, torch.Tensor] = {}
+
+    def subspaces(self, trainer):
+        from memsafe.defenses.concept_activations import projectable_layers
+
+        if not self.bases:
+            self.bases, stats = self.compute_bases(trainer)
+            self.stats |= stats
+        layers = projectable_layers(trainer.unwrapped)
+        return [({f"{name}.weight": layers[name].weight}, basis) for name, basis in self.bases.items()]
+
+    def state_dict(self):
+        # Checkpoint keys nest on dots; layer names have them.
+        return {"bases": {name.replace(".", "/"): basis for name, basis in self.bases.items()}, "strength": self.strength}
+
+    def load_state_dict(self, state):
+        self.bases = {name.replace("/", "."): basis.float() for name, basis in state.get("bases", {}).items()}
+
+
 def hook_maker(config: RunConfig, train_set):
     """Builds the concept basis once; each call of the returned function makes a fresh hook (one per
-    trainer, e.g. per IET proxy)."""
+    trainer, e.g. per IET proxy). In activation space the layers' bases are computed on the first
+    trainer's model when it starts and shared by the later ones."""
     if config.model.conditioning != "text":
         raise MemsafeError("defense gradient_projection needs a text-conditional model (model.conditioning: text)")
     from memsafe.models.text import TextEncoder
 
     encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
-    basis, stats = concept_basis(encoder, config.defense.gradient_projection, train_set.captions)
-    return lambda: [GradientProjection(basis, config.defense.gradient_projection, stats)]
+    gp = config.defense.gradient_projection
+    basis, stats = concept_basis(encoder, gp, train_set.captions)  # also checks the concepts
+    if gp.space == "text":
+        return lambda: [GradientProjection(basis, gp, stats)]
+    computed = {}
+
+    def compute_bases(trainer):
+        from memsafe.defenses.concept_activations import activation_subspaces
+
+        if not computed:
+            computed["bases"] = activation_subspaces(trainer.unwrapped, trainer.noise_scheduler, encoder,
+                                                     trainer.pixels, train_set.captions, gp, seed=config.train.seed)
+        return computed["bases"]
+
+    return lambda: [LayerwiseProjection(gp, compute_bases)]

