@@ -71,6 +71,9 @@ def variants(benchmark: dict) -> dict[str, dict]:
         "none_lora": LORA,  # the undefended LoRA run that gp_lora_lambda_1 is compared with
         # Every layer projected off the subspace by which naming the concept changes its inputs.
         "gp_act_lambda_1": gp(1.0) | ACTIVATIONS,
+        "gp_act_energy_0.9_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.activation_energy": 0.9},
+        # ... only along the directions where the concept moves a layer's inputs more than allowed captions do
+        "gp_act_specific_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.activation_allowed": True},
         "gp_lora_act_lambda_1": gp(1.0) | ACTIVATIONS | LORA,
     }
 

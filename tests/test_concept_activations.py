@@ -6,7 +6,12 @@ import torch
 from memsafe.config import config_from_dict, merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
-from memsafe.defenses.concept_activations import activation_subspaces, concept_caption_pairs, projectable_layers
+from memsafe.defenses.concept_activations import (
+    activation_subspaces,
+    concept_caption_pairs,
+    concept_specific_basis,
+    projectable_layers,
+)
 from memsafe.errors import MemsafeError
 from memsafe.train.checkpoint import read_state, write_state
 from tests.conftest import tiny_config_dict
@@ -17,14 +22,14 @@ pytest.importorskip("peft")
 CONCEPT = ["seven", "the digit seven", "number 7"]
 
 
-def _config(tmp_path, lora=None, name="gradient_projection", steps=25):
+def _config(tmp_path, lora=None, name="gradient_projection", steps=25, **projection):
     return config_from_dict(tiny_config_dict(
         tmp_path / "run",
         model={"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True],
                "max_text_length": 8, "lora_rank": lora},
         train={"max_steps": steps, "weight_decay": 0.1, "warmup_steps": 0, "learning_rate": 2e-3},
         defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "space": "activations",
-                                                       "activation_samples": 48}},
+                                                       "activation_samples": 48, **projection}},
     ))
 
 
@@ -97,6 +102,24 @@ def test_undefended_run_changes_the_layers_concept_response(tmp_path):
     assert _drift(trainer, bases, before) > 1e-3  # so the tests above can fail
 
 
+def test_concept_specific_basis_leaves_what_allowed_captions_move_more():
+    concept = torch.diag(torch.tensor([4.0, 1.0, 0.0, 0.0, 2.0], dtype=torch.float64))
+    allowed = torch.diag(torch.tensor([1.0, 3.0, 5.0, 0.0, 1.0], dtype=torch.float64))
+    basis = concept_specific_basis(concept, allowed)
+    assert torch.allclose(basis.T @ basis, torch.eye(basis.shape[1], dtype=basis.dtype))
+    spanned = (basis @ basis.T).diagonal()
+    assert torch.allclose(spanned, torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64), atol=1e-9)
+
+
+def test_allowed_directions_stay_free_and_the_guarantee_holds(tmp_path):
+    trainer, bases, before, _ = _trained(_config(tmp_path, activation_allowed=True))
+    assert _drift(trainer, bases, before) < 1e-5
+    everything, _ = activation_subspaces(trainer.unwrapped, trainer.noise_scheduler, trainer.conditioner.encoder,
+                                         trainer.pixels, trainer.train_set.captions,
+                                         _config(tmp_path).defense.gradient_projection)
+    assert sum(b.shape[1] for b in bases.values()) < sum(b.shape[1] for b in everything.values())
+
+
 def test_bases_survive_a_checkpoint(tmp_path):
     trainer, bases, _, _ = _trained(_config(tmp_path, steps=2))
     write_state(tmp_path / "hooks", trainer.hooks.state_dict())
@@ -109,7 +132,7 @@ def test_bases_survive_a_checkpoint(tmp_path):
 
 def test_caption_pairs_differ_by_one_concept_prompt():
     captions = ["a digit seven", "a digit one", "a digit seven in red"]
-    images, named, plain = concept_caption_pairs(captions, ["seven", "number 7"], 20, torch.Generator().manual_seed(0))
+    images, named, plain, _ = concept_caption_pairs(captions, ["seven", "number 7"], 20, torch.Generator().manual_seed(0))
     assert len(images) == len(named) == len(plain) == 20
     for i, with_concept, without in zip(images, named, plain):
         assert "seven" not in without and "number 7" not in without

@@ -131,6 +131,9 @@ class GradientProjectionConfig:
     space: str = "text"
     activation_samples: int = 256
     activation_energy: float = 0.99
+    # Keep instead only the directions along which the concept moves a layer's inputs more than switching
+    # to another training caption does (allowed content keeps the rest; activation_energy does not apply).
+    activation_allowed: bool = False
 
 
 @dataclass

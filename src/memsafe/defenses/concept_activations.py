@@ -45,13 +45,16 @@ def input_rows(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def concept_caption_pairs(captions: list[str], concepts: list[str], count: int,
-                          generator: torch.Generator) -> tuple[list[int], list[str], list[str]]:
-    """`count` (image index, caption naming a concept, the same caption without it): each drawn training
-    caption, stripped of any concept phrase, with one of the concept prompts appended."""
+                          generator: torch.Generator) -> tuple[list[int], list[str], list[str], list[str]]:
+    """`count` (image index, caption naming a concept, the same caption without it, another image's caption
+    without it): each drawn training caption, stripped of any concept phrase, with one of the concept
+    prompts appended; the last is an allowed change of caption to compare the concept's change with."""
     images = torch.randint(len(captions), (count,), generator=generator).tolist()
     prompts = torch.randint(len(concepts), (count,), generator=generator).tolist()
+    others = torch.randint(len(captions), (count,), generator=generator).tolist()
     plain = [without_concept(captions[i], concepts) or captions[i] for i in images]
-    return images, [f"{p} {concepts[k]}".strip() for p, k in zip(plain, prompts)], plain
+    other = [without_concept(captions[i], concepts) or captions[i] for i in others]
+    return images, [f"{p} {concepts[k]}".strip() for p, k in zip(plain, prompts)], plain, other
 
 
 def energy_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
@@ -63,6 +66,19 @@ def energy_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
     return vectors[:, : min(rank, vectors.shape[1])]
 
 
+def concept_specific_basis(concept: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """(d, k) orthonormal basis of the directions along which naming a concept moves the inputs more than
+    changing to another allowed caption does: generalized eigenvectors of (concept, allowed) covariances
+    with eigenvalue above 1, both per pair."""
+    ridge = 1e-6 * allowed.diagonal().mean().clamp_min(1e-30)
+    lower = torch.linalg.cholesky(allowed + ridge * torch.eye(len(allowed), dtype=allowed.dtype))
+    whitened = torch.linalg.solve_triangular(lower, concept, upper=False)
+    whitened = torch.linalg.solve_triangular(lower, whitened.T, upper=False)  # L^-1 C L^-T, symmetric
+    ratios, vectors = torch.linalg.eigh((whitened + whitened.T) / 2)
+    directions = torch.linalg.solve_triangular(lower.T, vectors[:, ratios > 1.0], upper=True)
+    return torch.linalg.qr(directions).Q
+
+
 @torch.no_grad()
 def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixels: torch.Tensor,
                          captions: list[str], config: GradientProjectionConfig, seed: int = 0,
@@ -71,11 +87,12 @@ def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixel
     reaches, and diagnostics (layers reached, mean share of each one's input dimensions taken)."""
     layers = projectable_layers(model)
     generator = torch.Generator().manual_seed(seed)
-    images, named, plain = concept_caption_pairs(captions, config.concepts, config.activation_samples, generator)
+    images, named, plain, other = concept_caption_pairs(captions, config.concepts, config.activation_samples, generator)
     device = next(model.parameters()).device
     captured: dict[str, torch.Tensor] = {}
     difference = {name: torch.zeros((), dtype=torch.float64) for name in layers}
     covariance: dict[str, torch.Tensor] = {}
+    allowed: dict[str, torch.Tensor] = {}
     signal = dict.fromkeys(layers, 0.0)
 
     def capture(name):
@@ -93,6 +110,11 @@ def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixel
             noisy = noise_scheduler.add_noise(clean, noise, steps.to(device))
             model(noisy, steps.to(device), encoder_hidden_states=encoder.encode(plain[start : start + batch_size]).to(device))
             without = dict(captured)
+            if config.activation_allowed:
+                model(noisy, steps.to(device), encoder_hidden_states=encoder.encode(other[start : start + batch_size]).to(device))
+                for name in layers:
+                    change = (captured[name] - without[name]).cpu()
+                    allowed[name] = allowed.get(name, 0) + change.T @ change
             model(noisy, steps.to(device), encoder_hidden_states=encoder.encode(named[start : start + batch_size]).to(device))
             for name in layers:
                 change = (captured[name] - without[name]).cpu()
@@ -107,7 +129,11 @@ def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixel
     reached = {name for name in layers if difference[name] > 1e-10 * max(signal[name], 1e-30)}
     if not reached:
         raise MemsafeError("naming the concepts changes the input of no trainable layer: does the model read text?")
-    bases = {name: energy_basis(covariance[name], config.activation_energy).float() for name in sorted(reached)}
+    if config.activation_allowed:
+        bases = {name: concept_specific_basis(covariance[name], allowed[name]).float() for name in sorted(reached)}
+        bases = {name: basis for name, basis in bases.items() if basis.shape[1]}
+    else:
+        bases = {name: energy_basis(covariance[name], config.activation_energy).float() for name in sorted(reached)}
     taken = [basis.shape[1] / basis.shape[0] for basis in bases.values()]
     stats = {"layers": len(layers), "layers_reached": len(bases),
              "mean_dimension_share": sum(taken) / len(taken) if taken else 0.0,
