@@ -31,6 +31,7 @@ from memsafe.runs import read_status, run_prompt_sampler, train_run
 from memsafe.train.hooks import TrainHook
 
 RESULTS = Path(__file__).parent / "results"
+RECORD = "bench_record.json"  # a finished run's measurements, in its run directory
 
 # Per concept: the data set, the prompts the defender names it by, and the word that filtering drops.
 BENCHMARKS = {
@@ -158,6 +159,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--concept", choices=list(BENCHMARKS), default="stamp")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds first..first+seeds-1; runs measured by earlier calls are reused")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--pretrain-steps", type=int, default=3000)
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default: 1000 for stamp, 600 for ink)")
@@ -193,27 +196,41 @@ def main() -> None:
         [i for i, c in enumerate(holdout.captions) if benchmark["filter_word"] not in c]).as_model_input()
 
     runs: dict[str, list[dict]] = {n: [] for n in args.variants.split(",")}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in runs:
             overrides = finetune_overrides(work, source, args.steps) | all_variants[name] | {
                 "train.seed": seed, "output_dir": str(work / f"{name}-{seed}")}
             config = merge(base, overrides)
-            started = time.perf_counter()
-            run_dir = train_run(config, progress=progress)
-            wall = time.perf_counter() - started
-            record = {"seed": seed, "wall_s": wall, "sec_per_step": read_status(run_dir)["sec_per_step"],
-                      **evaluate(run_dir, seed, args.per_prompt, attack, detector, feature_net, allowed_real)}
+            record = cached_record(Path(config.output_dir), settings(args))
+            if record is None:
+                started = time.perf_counter()
+                run_dir = train_run(config, progress=progress)
+                wall = time.perf_counter() - started
+                record = {"seed": seed, "wall_s": wall, "sec_per_step": read_status(run_dir)["sec_per_step"],
+                          **evaluate(run_dir, seed, args.per_prompt, attack, detector, feature_net, allowed_real)}
+                (run_dir / RECORD).write_text(json.dumps({"settings": settings(args), "record": record}) + "\n")
             runs[name].append(record)
             print(json.dumps({"variant": name, **record}), flush=True)
             write(runs, {}, out, args, kept)
     overhead = {}
-    for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1"):
+    for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1", "gp_act_lambda_1", "gp_act_specific_lambda_1"):
         if name in runs:
             config = merge(base, finetune_overrides(work, source, args.steps) | all_variants[name]
                            | {"output_dir": str(work / "overhead")})
             overhead[name] = hook_overhead(config)
             print(json.dumps({"variant": name, **overhead[name]}), flush=True)
     write(runs, overhead, out, args, kept)
+
+
+def cached_record(run_dir: Path, expected: dict) -> dict | None:
+    """The measurements of a finished run of an earlier call with the same settings (seed count aside), so
+    that seeds can be run by separate calls (`--first-seed`) and gathered by one."""
+    path = run_dir / RECORD
+    if not path.exists() or read_status(run_dir)["status"] != "complete":
+        return None
+    cached = json.loads(path.read_text())
+    same = {k: v for k, v in cached["settings"].items() if k != "seeds"} == {k: v for k, v in expected.items() if k != "seeds"}
+    return cached["record"] if same else None
 
 
 def settings(args) -> dict:

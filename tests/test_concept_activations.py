@@ -12,6 +12,7 @@ from memsafe.defenses.concept_activations import (
     concept_specific_basis,
     projectable_layers,
 )
+from memsafe.defenses.gradient_projection import SubspaceProjector, orthonormal_basis
 from memsafe.errors import MemsafeError
 from memsafe.train.checkpoint import read_state, write_state
 from tests.conftest import tiny_config_dict
@@ -118,6 +119,18 @@ def test_allowed_directions_stay_free_and_the_guarantee_holds(tmp_path):
                                          trainer.pixels, trainer.train_set.captions,
                                          _config(tmp_path).defense.gradient_projection)
     assert sum(b.shape[1] for b in bases.values()) < sum(b.shape[1] for b in everything.values())
+
+
+@pytest.mark.parametrize("rank", [3, 13])  # a narrow basis, and one computed through its complement
+def test_projector_takes_the_component_along_the_basis(rank):
+    generator = torch.Generator().manual_seed(0)
+    basis = orthonormal_basis(torch.randn(40, 16, generator=generator), rank, 1.0)
+    matrix = torch.randn(7, 16, generator=generator)
+    projector = SubspaceProjector(basis, torch.device("cpu"), torch.float32)
+    assert projector.complement == (rank > 8) and projector.rank == rank
+    expected = matrix @ basis @ basis.T
+    assert torch.allclose(projector.component(matrix), expected, atol=1e-5)
+    assert torch.allclose(projector.energy(matrix), expected.pow(2).sum(), rtol=1e-4)
 
 
 def test_bases_survive_a_checkpoint(tmp_path):

@@ -148,6 +148,29 @@ def _stacked(tensors) -> torch.Tensor:
     return torch.cat([t.detach().flatten(1) for t in tensors])
 
 
+class SubspaceProjector:
+    """M -> M U U^T for an orthonormal basis U (d, k). When k > d / 2 it computes M - M Q Q^T with the
+    complement Q instead: the smaller product (per-layer activation bases often take most of a layer)."""
+
+    def __init__(self, basis: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        self.rank = basis.shape[1]
+        self.complement = self.rank > basis.shape[0] / 2
+        if self.complement:
+            basis = basis.double()
+            values, vectors = torch.linalg.eigh(torch.eye(len(basis), dtype=basis.dtype) - basis @ basis.T)
+            basis = vectors[:, values > 0.5]
+        self.basis = basis.to(device=device, dtype=dtype)
+
+    def component(self, matrix: torch.Tensor) -> torch.Tensor:
+        part = matrix @ self.basis @ self.basis.T
+        return matrix - part if self.complement else part
+
+    def energy(self, matrix: torch.Tensor) -> torch.Tensor:
+        """||M U U^T||^2 = ||M U||^2, as a tensor (no device sync)."""
+        inside = (matrix @ self.basis).pow(2).sum()
+        return matrix.pow(2).sum() - inside if self.complement else inside
+
+
 class GradientProjection(TrainHook):
     """Restricts the updates of groups of weights to the orthogonal complement of their group's basis (in
     the space the weights multiply). Text space: one group, every weight that reads text embeddings, with
@@ -161,8 +184,8 @@ class GradientProjection(TrainHook):
         self.strength = config.strength
         self.stats = dict(stats or {})
         self.params: dict[str, torch.nn.Parameter] = {}
-        # (weights, basis on their device, rows of each weight) per group
-        self.groups: list[tuple[list[torch.nn.Parameter], torch.Tensor, list[int]]] = []
+        # (weights, projector on their device, rows of each weight) per group
+        self.groups: list[tuple[list[torch.nn.Parameter], SubspaceProjector, list[int]]] = []
         self.before: list[torch.Tensor] | None = None  # each group's weights before the optimizer step, stacked
         self.removed_sq = self.total_sq = 0.0
 
@@ -174,13 +197,13 @@ class GradientProjection(TrainHook):
         self.groups, self.params = [], {}
         for params, basis in self.subspaces(trainer):
             first = next(iter(params.values()))
-            basis = basis.to(device=first.device, dtype=first.dtype)
-            self.groups.append((list(params.values()), basis, [p.shape[0] for p in params.values()]))
+            projector = SubspaceProjector(basis, first.device, first.dtype)
+            self.groups.append((list(params.values()), projector, [p.shape[0] for p in params.values()]))
             self.params |= params
             with torch.no_grad():
                 for name, param in params.items():
                     if "lora_A" in name:  # start the adapter orthogonal to the concepts
-                        param.flatten(1).sub_(param.flatten(1) @ basis @ basis.T)
+                        param.flatten(1).sub_(projector.component(param.flatten(1)))
 
     def _component(self, matrix: torch.Tensor) -> torch.Tensor:
         basis = self.basis.to(device=matrix.device, dtype=matrix.dtype)
@@ -209,32 +232,29 @@ class GradientProjection(TrainHook):
         measure = not update or (trainer.step + 1) % trainer.config.train.log_every == 0
         self.before = [] if update else None
         with torch.no_grad():
-            for params, basis, rows in self.groups:
+            for params, projector, rows in self.groups:
                 if update:
                     self.before.append(_stacked(params))
                 if not measure:
                     continue
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 gradient = _stacked(grads)
-                on_basis = gradient @ basis
-                # ||G U U^T|| = ||G U|| for orthonormal U. Kept as tensors: no device sync per step.
-                self.removed_sq = self.removed_sq + on_basis.pow(2).sum() * self.strength**2
+                self.removed_sq = self.removed_sq + projector.energy(gradient) * self.strength**2
                 self.total_sq = self.total_sq + gradient.pow(2).sum()
                 if not update:
-                    self._subtract(grads, on_basis @ basis.T, rows)
+                    self._subtract(grads, projector.component(gradient), rows)
 
     def on_after_step(self, model, trainer) -> None:
         if self.before is None:
             return
         with torch.no_grad():
-            for (params, basis, rows), before in zip(self.groups, self.before):
-                change = _stacked(params) - before
-                self._subtract(params, change @ basis @ basis.T, rows)
+            for (params, projector, rows), before in zip(self.groups, self.before):
+                self._subtract(params, projector.component(_stacked(params) - before), rows)
         self.before = None
 
     @property
     def rank(self) -> int:
-        return sum(basis.shape[1] for _, basis, _ in self.groups) if self.groups else self.basis.shape[1]
+        return sum(projector.rank for _, projector, _ in self.groups) if self.groups else self.basis.shape[1]
 
     def log_values(self) -> dict[str, float]:
         """Share of the projected layers' gradient norm removed, over the steps measured since the last log."""
