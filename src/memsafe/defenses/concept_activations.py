@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from memsafe.config import GradientProjectionConfig
-from memsafe.defenses.gradient_projection import without_concept
+from memsafe.defenses.gradient_projection import energy_rank, without_concept
 from memsafe.errors import MemsafeError
+from memsafe.train.loss import draw_noise
 
 
 def projectable_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -61,9 +62,7 @@ def energy_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
     """(d, k) eigenvectors of a covariance holding `energy` of its trace, largest first."""
     values, vectors = torch.linalg.eigh(covariance)
     values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-    cumulative = values.cumsum(0) / values.sum()
-    rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
-    return vectors[:, : min(rank, vectors.shape[1])]
+    return vectors[:, : min(energy_rank(values, energy), vectors.shape[1])]
 
 
 def concept_specific_basis(concept: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -90,7 +89,6 @@ def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixel
     images, named, plain, other = concept_caption_pairs(captions, config.concepts, config.activation_samples, generator)
     device = next(model.parameters()).device
     captured: dict[str, torch.Tensor] = {}
-    difference = {name: torch.zeros((), dtype=torch.float64) for name in layers}
     covariance: dict[str, torch.Tensor] = {}
     allowed: dict[str, torch.Tensor] = {}
     signal = dict.fromkeys(layers, 0.0)
@@ -105,28 +103,31 @@ def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixel
         for start in range(0, len(images), batch_size):
             chosen = torch.tensor(images[start : start + batch_size])
             clean = pixels[chosen].to(device)
-            noise = torch.randn(clean.shape, generator=generator).to(device)
-            steps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(chosen),), generator=generator)
-            noisy = noise_scheduler.add_noise(clean, noise, steps.to(device))
-            model(noisy, steps.to(device), encoder_hidden_states=encoder.encode(plain[start : start + batch_size]).to(device))
-            without = dict(captured)
-            if config.activation_allowed:
-                model(noisy, steps.to(device), encoder_hidden_states=encoder.encode(other[start : start + batch_size]).to(device))
+            noise, steps = draw_noise(noise_scheduler, tuple(clean.shape), generator)
+            noise, steps = noise.to(device), steps.to(device)
+            noisy = noise_scheduler.add_noise(clean, noise, steps)
+
+            def inputs_with(prompts: list[str]) -> dict[str, torch.Tensor]:
+                model(noisy, steps, encoder_hidden_states=encoder.encode(prompts[start : start + batch_size]).to(device))
+                return dict(captured)
+
+            def add_changes(store: dict[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> None:
                 for name in layers:
-                    change = (captured[name] - without[name]).cpu()
-                    allowed[name] = allowed.get(name, 0) + change.T @ change
-            model(noisy, steps.to(device), encoder_hidden_states=encoder.encode(named[start : start + batch_size]).to(device))
+                    change = (changed[name] - without[name]).cpu()
+                    store[name] = store.get(name, 0) + change.T @ change
+
+            without = inputs_with(plain)
+            if config.activation_allowed:
+                add_changes(allowed, inputs_with(other))
+            add_changes(covariance, inputs_with(named))
             for name in layers:
-                change = (captured[name] - without[name]).cpu()
-                covariance[name] = covariance.get(name, 0) + change.T @ change
-                difference[name] += change.pow(2).sum()
                 signal[name] += without[name].pow(2).sum().item()
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
     # A layer upstream of every cross-attention sees exactly the same inputs either way.
-    reached = {name for name in layers if difference[name] > 1e-10 * max(signal[name], 1e-30)}
+    reached = {name for name in layers if covariance[name].trace() > 1e-10 * max(signal[name], 1e-30)}
     if not reached:
         raise MemsafeError("naming the concepts changes the input of no trainable layer: does the model read text?")
     if config.activation_allowed:

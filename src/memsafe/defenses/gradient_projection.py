@@ -35,10 +35,14 @@ def orthonormal_basis(vectors: torch.Tensor, rank: int | None, energy: float) ->
     """(d, k) orthonormal basis of the rows' span: the top-k right singular vectors, k = `rank` or the
     smallest k whose squared singular values reach `energy` of the total."""
     _, singular, vh = torch.linalg.svd(vectors.double(), full_matrices=False)
-    if rank is None:
-        cumulative = singular.pow(2).cumsum(0) / singular.pow(2).sum().clamp_min(1e-30)
-        rank = int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
+    rank = energy_rank(singular.pow(2), energy) if rank is None else rank
     return vh[: min(rank, vh.shape[0])].T.float()
+
+
+def energy_rank(spectrum: torch.Tensor, energy: float) -> int:
+    """The smallest k whose first k values of a descending energy spectrum hold `energy` of its sum."""
+    cumulative = spectrum.cumsum(0) / spectrum.sum().clamp_min(1e-30)
+    return int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
 
 
 def token_embeddings(encoder, prompts: list[str]) -> torch.Tensor:
