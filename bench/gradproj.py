@@ -76,6 +76,8 @@ def variants(benchmark: dict) -> dict[str, dict]:
         # ... only along the directions where the concept moves a layer's inputs more than allowed captions do
         "gp_act_specific_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.activation_allowed": True},
         "gp_lora_act_lambda_1": gp(1.0) | ACTIVATIONS | LORA,
+        # ... with AdamW's moments built from the projected gradients (mode both)
+        "gp_act_both_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.mode": "both"},
     }
 
 

@@ -191,6 +191,18 @@ def test_projecting_only_gradients_leaks_under_adamw(tmp_path):
     assert _concept_drift(gradient, before_g) > 100 * max(_concept_drift(update, before_u), 1e-9)
 
 
+@pytest.mark.parametrize("lora", [None, 4])
+def test_projecting_gradients_and_updates_keeps_adams_moments_off_the_concept(tmp_path, lora):
+    moments = {}
+    for mode in ("update", "both"):
+        trainer, before, _ = _train(_config(tmp_path / mode, mode=mode, lora=lora))
+        assert _concept_drift(trainer, before) < 1e-5  # the guarantee holds either way
+        hook = trainer.hooks.hooks[0]
+        averages = [trainer.optimizer.state[p]["exp_avg"] for p in hook.params.values()]
+        moments[mode] = max((m @ hook.basis).abs().max().item() / m.abs().max().item() for m in averages)
+    assert moments["both"] < 1e-5 < 1e-2 < moments["update"]
+
+
 def test_strength_scales_the_concept_change(tmp_path):
     changes = {}
     for strength in (0.0, 0.5):

@@ -114,7 +114,9 @@ class GradientProjectionConfig:
     energy: float = 0.95
     neutral_energy: float = 0.99
     layers: list[str] = field(default_factory=lambda: ["attn2.to_k", "attn2.to_v"])  # module-name suffixes
-    mode: str = "update"  # "update": project the optimizer's update (exact); "gradient": project gradients
+    # "update": project the optimizer's update (exact); "gradient": project gradients; "both": gradients,
+    # so AdamW's moments see only the allowed part, and the update (exact)
+    mode: str = "update"
     # Training captions that name no concept join the neutral prompts: their directions stay learnable.
     neutral_captions: bool = True
     # Extensions beyond the paper's key/value projection, off by default (measured in bench/gradproj.py):
@@ -275,8 +277,8 @@ def validate(config: RunConfig) -> None:
     gp = config.defense.gradient_projection
     if not 0.0 <= gp.strength <= 1.0:
         raise MemsafeError(f"defense.gradient_projection.lambda must be in [0, 1], got {gp.strength}")
-    if gp.mode not in ("update", "gradient"):
-        raise MemsafeError(f"defense.gradient_projection.mode must be update or gradient, got {gp.mode!r}")
+    if gp.mode not in ("update", "gradient", "both"):
+        raise MemsafeError(f"defense.gradient_projection.mode must be update, gradient or both, got {gp.mode!r}")
     if gp.space not in ("text", "activations"):
         raise MemsafeError(f"defense.gradient_projection.space must be text or activations, got {gp.space!r}")
     if gp.space == "activations" and (gp.project_inputs or gp.counterfactual):

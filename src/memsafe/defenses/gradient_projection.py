@@ -11,6 +11,10 @@ Two modes:
   afterwards. Exact under AdamW's per-element scaling, weight decay, mixed precision and accumulation.
 - "gradient": project the gradient before the optimizer. Cheaper to reason about, but AdamW's
   per-element scaling and weight decay leak concept components back in; kept for comparison.
+- "both": project the gradient before the optimizer and its update after. As exact as "update", and
+  AdamW's moments see only the allowed part of the gradient. Under "update" alone they are built from
+  the whole gradient, and what is left of the step after projection need not descend the loss: it
+  matters when most of the gradient lies in the subspace (space: activations).
 
 Under LoRA (W = W0 + B A, A: r x d) the same is applied to A, and A is initialised as A (I - U U^T), so
 (B A) u = 0 stays true whatever B learns.
@@ -230,23 +234,28 @@ class GradientProjection(TrainHook):
     def on_after_backward(self, model, trainer) -> None:
         if not self.groups:
             self.attach(trainer)
-        update = self.config.mode == "update"
+        snapshot = self.config.mode in ("update", "both")
+        project = self.config.mode in ("gradient", "both")
         # The removed share is logged from the steps that end a logging interval: measuring it costs as
         # much as projecting when every layer has a basis of its own.
-        measure = not update or (trainer.step + 1) % trainer.config.train.log_every == 0
-        self.before = [] if update else None
+        measure = project or (trainer.step + 1) % trainer.config.train.log_every == 0
+        self.before = [] if snapshot else None
         with torch.no_grad():
             for params, projector, rows in self.groups:
-                if update:
+                if snapshot:
                     self.before.append(_stacked(params))
                 if not measure:
                     continue
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 gradient = _stacked(grads)
-                self.removed_sq = self.removed_sq + projector.energy(gradient) * self.strength**2
+                if project:
+                    component = projector.component(gradient)
+                    self._subtract(grads, component, rows)
+                    removed = component.pow(2).sum()
+                else:
+                    removed = projector.energy(gradient)
+                self.removed_sq = self.removed_sq + removed * self.strength**2
                 self.total_sq = self.total_sq + gradient.pow(2).sum()
-                if not update:
-                    self._subtract(grads, projector.component(gradient), rows)
 
     def on_after_step(self, model, trainer) -> None:
         if self.before is None:
