@@ -78,6 +78,8 @@ def variants(benchmark: dict) -> dict[str, dict]:
         "gp_lora_act_lambda_1": gp(1.0) | ACTIVATIONS | LORA,
         # ... with AdamW's moments built from the projected gradients (mode both)
         "gp_act_both_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.mode": "both"},
+        # ... only the share of the gradient that the samples naming the concept contribute (no guarantee)
+        "gp_act_samples_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.scope": "concept_samples"},
     }
 
 

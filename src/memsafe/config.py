@@ -131,6 +131,9 @@ class GradientProjectionConfig:
     # (concept_activations.py), from `activation_samples` training captions with a concept prompt appended,
     # keeping `activation_energy` of each layer's difference energy; `layers` does not apply.
     space: str = "text"
+    # "all": every sample's gradient is projected (the guarantee). "concept_samples": only the share of the
+    # samples whose caption names a concept (concept_samples.py); `mode` does not apply, no guarantee.
+    scope: str = "all"
     activation_samples: int = 256
     activation_energy: float = 0.99
     # Keep instead only the directions along which the concept moves a layer's inputs more than switching
@@ -279,6 +282,8 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(f"defense.gradient_projection.lambda must be in [0, 1], got {gp.strength}")
     if gp.mode not in ("update", "gradient", "both"):
         raise MemsafeError(f"defense.gradient_projection.mode must be update, gradient or both, got {gp.mode!r}")
+    if gp.scope not in ("all", "concept_samples"):
+        raise MemsafeError(f"defense.gradient_projection.scope must be all or concept_samples, got {gp.scope!r}")
     if gp.space not in ("text", "activations"):
         raise MemsafeError(f"defense.gradient_projection.space must be text or activations, got {gp.space!r}")
     if gp.space == "activations" and (gp.project_inputs or gp.counterfactual):

@@ -195,6 +195,8 @@ class GradientProjection(TrainHook):
         # (weights, projector on their device, rows of each weight) per group
         self.groups: list[tuple[list[torch.nn.Parameter], SubspaceProjector, list[int]]] = []
         self.before: list[torch.Tensor] | None = None  # each group's weights before the optimizer step, stacked
+        self.names: list[list[str]] = []  # each group's weight names
+        self.samples = None  # ConceptSampleGradients under scope: concept_samples
         self.removed_sq = self.total_sq = 0.0
 
     def subspaces(self, trainer) -> list[tuple[dict[str, torch.nn.Parameter], torch.Tensor]]:
@@ -202,16 +204,24 @@ class GradientProjection(TrainHook):
         return [(projected_parameters(trainer.unwrapped, self.config.layers, self.basis.shape[0]), self.basis)]
 
     def attach(self, trainer) -> None:
-        self.groups, self.params = [], {}
+        self.groups, self.params, self.names = [], {}, []
         for params, basis in self.subspaces(trainer):
             first = next(iter(params.values()))
             projector = SubspaceProjector(basis, first.device, first.dtype)
             self.groups.append((list(params.values()), projector, [p.shape[0] for p in params.values()]))
+            self.names.append(list(params))
             self.params |= params
             with torch.no_grad():
                 for name, param in params.items():
                     if "lora_A" in name:  # start the adapter orthogonal to the concepts
                         param.flatten(1).sub_(projector.component(param.flatten(1)))
+        if self.config.scope == "concept_samples":
+            from memsafe.defenses.concept_samples import ConceptSampleGradients
+
+            if self.samples is not None:
+                self.samples.remove()
+            modules = {name: trainer.unwrapped.get_submodule(name.rsplit(".", 1)[0]) for name in self.params}
+            self.samples = ConceptSampleGradients(modules, self.config.concepts)
 
     def _component(self, matrix: torch.Tensor) -> torch.Tensor:
         basis = self.basis.to(device=matrix.device, dtype=matrix.dtype)
@@ -225,6 +235,8 @@ class GradientProjection(TrainHook):
         self.attach(trainer)
 
     def on_batch_start(self, batch, trainer):
+        if self.samples is not None:
+            self.samples.select(batch.get("captions"))
         states = batch["model_kwargs"].get("encoder_hidden_states")
         if not self.config.project_inputs or states is None:
             return batch
@@ -234,6 +246,9 @@ class GradientProjection(TrainHook):
     def on_after_backward(self, model, trainer) -> None:
         if not self.groups:
             self.attach(trainer)
+        if self.samples is not None:
+            self._project_concept_samples(trainer)
+            return
         snapshot = self.config.mode in ("update", "both")
         project = self.config.mode in ("gradient", "both")
         # The removed share is logged from the steps that end a logging interval: measuring it costs as
@@ -256,6 +271,21 @@ class GradientProjection(TrainHook):
                     removed = projector.energy(gradient)
                 self.removed_sq = self.removed_sq + removed * self.strength**2
                 self.total_sq = self.total_sq + gradient.pow(2).sum()
+
+    def _project_concept_samples(self, trainer) -> None:
+        """Removes the concept component of the concept samples' share of each gradient (scope: concept_samples)."""
+        measure = (trainer.step + 1) % trainer.config.train.log_every == 0
+        with torch.no_grad():
+            for (params, projector, rows), names in zip(self.groups, self.names):
+                share = _stacked([self.samples.take(name, p) for name, p in zip(names, params)])
+                if trainer.data_parallel:  # gradients are averaged over processes, so are the shares
+                    share = trainer.accelerator.reduce(share, reduction="mean")
+                component = projector.component(share)
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                self._subtract(grads, component, rows)
+                if measure:
+                    self.removed_sq = self.removed_sq + component.pow(2).sum() * self.strength**2
+                    self.total_sq = self.total_sq + _stacked(grads).pow(2).sum()
 
     def on_after_step(self, model, trainer) -> None:
         if self.before is None:
