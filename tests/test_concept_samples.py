@@ -32,7 +32,7 @@ def test_only_the_concept_samples_share_is_projected(tmp_path, space, lora):
     named = torch.tensor([names_concept(c, CONCEPT) for c in batch["captions"]])
     assert 0 < named.sum() < len(named)  # the batch mixes both kinds
     # Reference: the concept samples' share of every gradient from a backward pass of their loss alone.
-    hook.samples.select([])
+    hook.samples.select(None)
     (_losses(trainer, batch) * named).mean().backward()
     shares = {name: p.grad.clone() for name, p in hook.params.items()}
     trainer.optimizer.zero_grad(set_to_none=True)

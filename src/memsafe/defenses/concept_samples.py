@@ -31,8 +31,9 @@ class ConceptSampleGradients:
         self.handles = [module.register_forward_hook(self._collector(name)) for name, module in modules.items()]
 
     def select(self, captions: list[str] | None) -> None:
-        captions = captions or []
-        self.mask = torch.tensor([names_concept(c, self.concepts) for c in captions], dtype=torch.bool)
+        """The micro-batch's captions: the next forward collects the rows of those naming a concept."""
+        self.mask = None if captions is None else torch.tensor(
+            [names_concept(c, self.concepts) for c in captions], dtype=torch.bool)
 
     def _collector(self, name: str):
         def collect(module, args, output):

@@ -286,6 +286,7 @@ class GradientProjection(TrainHook):
                 if measure:
                     self.removed_sq = self.removed_sq + component.pow(2).sum() * self.strength**2
                     self.total_sq = self.total_sq + _stacked(grads).pow(2).sum()
+        self.samples.select(None)  # nothing is collected outside training steps
 
     def on_after_step(self, model, trainer) -> None:
         if self.before is None:
