@@ -7,7 +7,7 @@ paraphrased and combined prompts for the concept) and measured: extraction rate,
 accuracy, FID on allowed prompts against held-out images without the concept, wall time. LoRA variants are
 compared with the undefended LoRA run (`none_lora`) when it is measured. Writes bench/results/gradproj[-ink].json
 and .md; `--add` keeps the variants of an earlier call with the same settings.
-Usage: python bench/gradproj.py [--concept stamp] [--seeds 3] [--variants a,b] [--add] [--quick]
+Usage: python bench/gradproj.py [--concept stamp] [--seeds 3] [--variants a,b] [--add] [--new-ink green] [--quick]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 
 from memsafe.config import config_from_dict, merge
 from memsafe.data import load_dataset, load_images
+from memsafe.data.ink_digits import INK_NAMES
 from memsafe.metrics.attributes import ink_digit_detector
 from memsafe.metrics.extraction import ConceptAttack, attack_for, measure_concept
 from memsafe.metrics.features import domain_feature_net
@@ -87,9 +88,11 @@ VARIANTS = variants(BENCHMARKS["stamp"])
 METRICS = ("extraction_rate", "base_rate", "allowed_accuracy", "fid", "wall_s", "sec_per_step")
 
 
-def base_config(work: Path, source: str, resolution: int, pretrain_steps: int, text_encoder: str) -> dict:
+def base_config(work: Path, source: str, resolution: int, pretrain_steps: int, text_encoder: str,
+                new_ink: str | None = None) -> dict:
     return {
-        "data": {"source": f"{source}-clean", "resolution": resolution, "channels": 3},
+        "data": {"source": f"{source}-clean", "resolution": resolution, "channels": 3,
+                 "exclude_text": [new_ink] if new_ink else []},
         "model": {"conditioning": "text", "block_out_channels": [32, 64, 64], "attention_levels": [False, True, True],
                   "text_encoder": text_encoder},
         "train": {"max_steps": pretrain_steps, "batch_size": 32, "learning_rate": 5e-4, "caption_dropout": 0.1},
@@ -99,7 +102,7 @@ def base_config(work: Path, source: str, resolution: int, pretrain_steps: int, t
 
 
 def finetune_overrides(work: Path, source: str, steps: int) -> dict:
-    return {"data.source": source, "data.holdout_images": 297, "data.seed": 0,
+    return {"data.source": source, "data.exclude_text": [], "data.holdout_images": 297, "data.seed": 0,
             "model.pretrained": str(work / "base" / "model"), "train.max_steps": steps,
             "train.learning_rate": 2e-4, "train.warmup_steps": 0}
 
@@ -172,6 +175,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=16)
     parser.add_argument("--work", help="keeps the pretrained base between runs (default runs/bench-<results name>)")
     parser.add_argument("--text-encoder", default="builtin:minilm")
+    parser.add_argument("--new-ink", choices=INK_NAMES,
+                        help="pretrain the base without this allowed ink, so that fine-tuning has new allowed "
+                             "content to learn (its accuracy: allowed_accuracy_<ink>)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets, 8x8, one seed")
     parser.add_argument("--out", help="default bench/results/<results name>.json")
     parser.add_argument("--add", action="store_true",
@@ -182,14 +188,16 @@ def main() -> None:
     benchmark = BENCHMARKS[args.concept]
     args.steps = args.steps or benchmark["steps"]
     source, all_variants, attack = benchmark["source"], variants(benchmark), attack_for(benchmark["source"])
-    work = Path(args.work or f"runs/bench-{benchmark['results']}")
-    out = Path(args.out or RESULTS / f"{benchmark['results']}.json")
+    name = benchmark["results"] + (f"-new-{args.new_ink}" if args.new_ink else "")
+    work = Path(args.work or f"runs/bench-{name}")
+    out = Path(args.out or RESULTS / f"{name}.json")
     unknown = sorted(set(args.variants.split(",")) - set(all_variants))
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(all_variants)}")
     kept = kept_results(out, args) if args.add else {}
     progress = sys.stderr.isatty()
-    base = config_from_dict(base_config(work, source, args.resolution, args.pretrain_steps, args.text_encoder))
+    base = config_from_dict(base_config(work, source, args.resolution, args.pretrain_steps, args.text_encoder,
+                                        args.new_ink))
     if read_status(work / "base")["status"] != "complete":
         train_run(base, progress=progress)
     detector = ink_digit_detector(args.resolution, progress=progress)
@@ -239,7 +247,8 @@ def cached_record(run_dir: Path, expected: dict) -> dict | None:
 
 def settings(args) -> dict:
     return {"concept": args.concept, "pretrain_steps": args.pretrain_steps, "steps": args.steps,
-            "per_prompt": args.per_prompt, "resolution": args.resolution, "seeds": args.seeds}
+            "per_prompt": args.per_prompt, "resolution": args.resolution, "seeds": args.seeds} | (
+            {"new_ink": args.new_ink} if args.new_ink else {})
 
 
 def kept_results(out: Path, args) -> dict[str, dict]:

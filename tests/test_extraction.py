@@ -57,3 +57,11 @@ def test_stamp_attack_separates_a_model_that_stamps_on_request_from_one_that_nev
     assert obedient["allowed_accuracy"] > 0.5
     assert all("acme" in p for p, _ in ACME_STAMP.attack_prompts())
     assert attack_for("builtin:stamped-digits-clean") is ACME_STAMP and attack_for("builtin:digits") is None
+
+
+def test_allowed_accuracy_per_ink_finds_the_ink_a_model_cannot_draw():
+    detector = ink_digit_detector(8, progress=False)
+    measured = measure_concept(_renderer(never_ink="green"), detector, ACME_STAMP, per_prompt=1)
+    assert measured["allowed_accuracy_green"] < 0.1 < 0.5 < measured["allowed_accuracy_red"]
+    shares = [measured[f"allowed_accuracy_{ink}"] for ink in INK_NAMES]
+    assert abs(sum(shares) / 3 - measured["allowed_accuracy"]) < 1e-6  # each ink has as many prompts

@@ -6,7 +6,8 @@ allowed content. A detector decides whether each generation shows the concept. R
 - base_rate: share of generations that show it for prompts that do not ask for it (the aim of a defense
   is extraction_rate close to base_rate);
 - allowed_accuracy: share of generations for allowed prompts that show exactly what was asked
-  (digit and ink), the text-image agreement of the allowed attributes.
+  (digit and ink), the text-image agreement of the allowed attributes; allowed_accuracy_<ink> the same
+  for the prompts naming one ink (e.g. an ink the base model never saw).
 
 Two built-in concepts, one per benchmark set (`memsafe.data.ink_digits`): the red ink and the acme stamp.
 """
@@ -100,10 +101,12 @@ def measure_concept(
     want_digit = torch.tensor([d for _, d, _ in allowed_list]).repeat_interleave(per_prompt)
     want_ink = torch.tensor([i for _, _, i in allowed_list]).repeat_interleave(per_prompt)
     per_template = attack_hits.view(len(attack.attack_templates), -1).mean(1)
+    correct = (allowed["digit"].eq(want_digit) & allowed["ink"].eq(want_ink)).float()
     return {
         "extraction_rate": attack_hits.mean().item(),
         **{f"extraction_rate_{name}": rate.item() for name, rate in zip(attack.attack_templates, per_template)},
         "base_rate": neutral_hits.mean().item(),
-        "allowed_accuracy": (allowed["digit"].eq(want_digit) & allowed["ink"].eq(want_ink)).float().mean().item(),
+        "allowed_accuracy": correct.mean().item(),
+        **{f"allowed_accuracy_{INK_NAMES[ink]}": correct[want_ink.eq(ink)].mean().item() for ink in want_ink.unique().tolist()},
         "allowed_shows_concept": allowed_hits.mean().item(),
     }
