@@ -266,6 +266,11 @@ def baseline_of(name: str, results: dict) -> str:
     return "none_lora" if "lora" in name and "none_lora" in results else "none"
 
 
+def new_ink_metric(args) -> tuple[str, ...]:
+    """Accuracy on the ink that the base never saw, when there is one (--new-ink)."""
+    return (f"allowed_accuracy_{args.new_ink}",) if getattr(args, "new_ink", None) else ()
+
+
 def paired_ratio(runs: list[dict], baseline_runs: list[dict], key: str) -> dict:
     """Mean and spread of the per-seed ratios to the baseline's run of the same seed. Evaluation seeds are
     shared, so the seed-to-seed swing that every variant shows largely cancels in these."""
@@ -283,7 +288,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
         if not records:
             continue
         summary = {}
-        for key in METRICS:
+        for key in METRICS + new_ink_metric(args):
             values = [r[key] for r in records]
             summary[key] = statistics.fmean(values)
             summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -306,19 +311,22 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
     results["settings"] = settings(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
+    new_ink = new_ink_metric(args)
     lines = ["| variant | extraction rate | base rate | compared with | extraction cut | excess cut "
-             "| allowed accuracy (ratio; per-seed ratio) | FID (domain) | wall s | step-time ratio | hook overhead |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| allowed accuracy (ratio; per-seed ratio) | FID (domain) | wall s | step-time ratio | hook overhead |"
+             + "".join(f" accuracy, {args.new_ink} (new) |" for _ in new_ink),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(new_ink)]
     nan = float("nan")
     for name, r in results.items():
         if name == "settings":
             continue
+        new_cells = "".join(f" {r.get(key, nan):.3f} |" for key in new_ink)
         lines.append(f"| {name} | {r['extraction_rate']:.3f} ± {r['extraction_rate_std']:.3f} | {r['base_rate']:.3f} "
                      f"| {r.get('baseline', '')} | {r.get('extraction_cut', nan):.1%} | {r.get('excess_extraction_cut', nan):.1%} "
                      f"| {r['allowed_accuracy']:.3f} ({r.get('allowed_accuracy_ratio', nan):.3f}; "
                      f"{r.get('allowed_accuracy_paired_ratio', nan):.3f} ± {r.get('allowed_accuracy_paired_ratio_std', nan):.3f}) "
                      f"| {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['wall_s']:.0f} "
-                     f"| {r.get('step_time_ratio', nan):.3f} | {r.get('overhead_ratio', nan):.4f} |")
+                     f"| {r.get('step_time_ratio', nan):.3f} | {r.get('overhead_ratio', nan):.4f} |" + new_cells)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
