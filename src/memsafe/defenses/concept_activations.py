@@ -45,6 +45,13 @@ def input_rows(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return inputs.reshape(-1, inputs.shape[-1])
 
 
+def output_rows(output: torch.Tensor) -> torch.Tensor:
+    """A layer's output (or its gradient) in the row order of `input_rows`: (rows, out)."""
+    if output.dim() == 4:  # convolution: (n, out, h, w) -> one row per output position
+        output = output.movedim(1, -1)
+    return output.reshape(-1, output.shape[-1])
+
+
 def concept_caption_pairs(captions: list[str], concepts: list[str], count: int,
                           generator: torch.Generator) -> tuple[list[int], list[str], list[str], list[str]]:
     """`count` (image index, caption naming a concept, the same caption without it, another image's caption

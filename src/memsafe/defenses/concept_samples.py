@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from memsafe.defenses.concept_activations import input_rows
+from memsafe.defenses.concept_activations import input_rows, output_rows
 from memsafe.defenses.gradient_projection import without_concept
 
 
@@ -25,7 +25,7 @@ class ConceptSampleGradients:
     """Per layer, the part of its weight gradient that the current step's concept samples contribute."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], concepts: list[str]):
-        self.modules, self.concepts = modules, concepts
+        self.concepts = concepts
         self.mask: torch.Tensor | None = None  # the current micro-batch's concept samples
         self.sums: dict[str, torch.Tensor] = {}
         self.handles = [module.register_forward_hook(self._collector(name)) for name, module in modules.items()]
@@ -43,11 +43,7 @@ class ConceptSampleGradients:
             rows = input_rows(module, args[0].detach()[mask]).float()
 
             def add(grad):
-                part = grad[mask]
-                if part.dim() == 4:  # convolution: (n, out, h, w) -> one row per output position
-                    part = part.movedim(1, -1)
-                part = part.reshape(-1, part.shape[-1]).float()
-                self.sums[name] = self.sums.get(name, 0) + part.T @ rows
+                self.sums[name] = self.sums.get(name, 0) + output_rows(grad[mask]).float().T @ rows
 
             output.register_hook(add)
 

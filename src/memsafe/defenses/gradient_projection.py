@@ -156,6 +156,17 @@ def _stacked(tensors) -> torch.Tensor:
     return torch.cat([t.detach().flatten(1) for t in tensors])
 
 
+def _gradients(params) -> list[torch.Tensor]:
+    """Each weight's gradient, zeros (written nowhere) for one that got none."""
+    return [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def _logging_step(trainer) -> bool:
+    """The removed share is measured on the steps that end a logging interval only: measuring it costs as
+    much as projecting when every layer has a basis of its own."""
+    return (trainer.step + 1) % trainer.config.train.log_every == 0
+
+
 class SubspaceProjector:
     """M -> M U U^T for an orthonormal basis U (d, k). When k > d / 2 it computes M - M Q Q^T with the
     complement Q instead: the smaller product (per-layer activation bases often take most of a layer)."""
@@ -251,9 +262,7 @@ class GradientProjection(TrainHook):
             return
         snapshot = self.config.mode in ("update", "both")
         project = self.config.mode in ("gradient", "both")
-        # The removed share is logged from the steps that end a logging interval: measuring it costs as
-        # much as projecting when every layer has a basis of its own.
-        measure = project or (trainer.step + 1) % trainer.config.train.log_every == 0
+        measure = project or _logging_step(trainer)
         self.before = [] if snapshot else None
         with torch.no_grad():
             for params, projector, rows in self.groups:
@@ -261,7 +270,7 @@ class GradientProjection(TrainHook):
                     self.before.append(_stacked(params))
                 if not measure:
                     continue
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                grads = _gradients(params)
                 gradient = _stacked(grads)
                 if project:
                     component = projector.component(gradient)
@@ -274,14 +283,14 @@ class GradientProjection(TrainHook):
 
     def _project_concept_samples(self, trainer) -> None:
         """Removes the concept component of the concept samples' share of each gradient (scope: concept_samples)."""
-        measure = (trainer.step + 1) % trainer.config.train.log_every == 0
+        measure = _logging_step(trainer)
         with torch.no_grad():
             for (params, projector, rows), names in zip(self.groups, self.names):
                 share = _stacked([self.samples.take(name, p) for name, p in zip(names, params)])
                 if trainer.data_parallel:  # gradients are averaged over processes, so are the shares
                     share = trainer.accelerator.reduce(share, reduction="mean")
                 component = projector.component(share)
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                grads = _gradients(params)
                 self._subtract(grads, component, rows)
                 if measure:
                     self.removed_sq = self.removed_sq + component.pow(2).sum() * self.strength**2
