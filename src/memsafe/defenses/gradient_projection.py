@@ -291,10 +291,10 @@ class GradientProjection(TrainHook):
                     share = trainer.accelerator.reduce(share, reduction="mean")
                 component = projector.component(share)
                 grads = _gradients(params)
-                self._subtract(grads, component, rows)
-                if measure:
+                if measure:  # against the gradient before projection, as under scope: all
                     self.removed_sq = self.removed_sq + component.pow(2).sum() * self.strength**2
                     self.total_sq = self.total_sq + _stacked(grads).pow(2).sum()
+                self._subtract(grads, component, rows)
         self.samples.select(None)  # nothing is collected outside training steps
 
     def on_after_step(self, model, trainer) -> None:
