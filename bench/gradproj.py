@@ -81,6 +81,8 @@ def variants(benchmark: dict) -> dict[str, dict]:
         "gp_act_both_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.mode": "both"},
         # ... only the share of the gradient that the samples naming the concept contribute (no guarantee)
         "gp_act_samples_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.scope": "concept_samples"},
+        # ... with the update of 10 steps projected at once (the guarantee holds every 10 steps and at the end)
+        "gp_act_every_10_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 10},
     }
 
 
@@ -136,6 +138,9 @@ class TimedHook(TrainHook):
 
     def on_after_step(self, model, trainer):
         self._timed(self.hook.on_after_step, model, trainer)
+
+    def on_sync(self, trainer):
+        self._timed(self.hook.on_sync, trainer)
 
 
 def hook_overhead(config, steps: int = 60) -> dict:
@@ -225,7 +230,8 @@ def main() -> None:
             print(json.dumps({"variant": name, **record}), flush=True)
             write(runs, {}, out, args, kept)
     overhead = {}
-    for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1", "gp_act_lambda_1", "gp_act_specific_lambda_1"):
+    for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1", "gp_act_lambda_1", "gp_act_specific_lambda_1",
+                 "gp_act_every_10_lambda_1"):
         if name in runs:
             config = merge(base, finetune_overrides(work, source, args.steps) | all_variants[name]
                            | {"output_dir": str(work / "overhead")})

@@ -203,6 +203,43 @@ def test_projecting_gradients_and_updates_keeps_adams_moments_off_the_concept(tm
     assert moments["both"] < 1e-5 < 1e-2 < moments["update"]
 
 
+@pytest.mark.parametrize("lora", [None, 4])
+def test_deferred_projection_restores_the_concept_response_at_every_sync(tmp_path, lora):
+    config = merge(_config(tmp_path, lora=lora, steps=10), {"defense.gradient_projection.project_every": 4})
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    trainer.hooks.on_train_start(trainer)
+    before = _text_weights(trainer)
+    for _ in range(3):
+        trainer.train_step()
+    drifted = _concept_drift(trainer, before)  # between projections the weights drift along the concept
+    trainer.train_step()
+    synced = _concept_drift(trainer, before)  # the fourth step projects the change of all four
+    assert synced < 1e-5 < drifted and drifted > 10 * synced
+    trainer.fit(progress=False)  # 10 steps: the last two are projected when fit ends
+    assert trainer.step == 10 and _concept_drift(trainer, before) < 1e-5
+    assert max((_text_weights(trainer)[n] - w).abs().max().item() for n, w in before.items()) > 1e-4
+
+
+def test_deferred_projection_holds_through_iet_rounds(tmp_path):
+    config = merge(_config(tmp_path, name="iet_agc+gradient_projection", steps=20),
+                   {"defense.iet_agc.shards": 2, "defense.iet_agc.local_steps": 5,
+                    "defense.gradient_projection.project_every": 3})
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    before = _text_weights(trainer.global_trainer)
+    trainer.fit(progress=False)
+    basis = trainer.global_trainer.hooks.hooks[-1].basis
+    drift = max(((w - before[n]) @ basis).abs().max().item() for n, w in _text_weights(trainer.global_trainer).items())
+    assert drift < 1e-5  # rounds of 5 steps end between projections: each proxy syncs before averaging
+
+
+@pytest.mark.parametrize("setting", [{"project_every": 0}, {"project_every": 2, "mode": "both"}])
+def test_bad_deferral_is_a_clear_error(tmp_path, setting):
+    with pytest.raises(MemsafeError, match="project_every"):
+        merge(_config(tmp_path), {f"defense.gradient_projection.{k}": v for k, v in setting.items()})
+
+
 def test_strength_scales_the_concept_change(tmp_path):
     changes = {}
     for strength in (0.0, 0.5):

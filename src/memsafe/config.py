@@ -139,6 +139,10 @@ class GradientProjectionConfig:
     # Keep instead only the directions along which the concept moves a layer's inputs more than switching
     # to another training caption does (allowed content keeps the rest; activation_energy does not apply).
     activation_allowed: bool = False
+    # mode "update" only: project the update accumulated over this many steps at once (and before any
+    # checkpoint, IET aggregation or the end of training), so the hook costs 1/N per step. W u = W0 u holds
+    # at those points; between them the weights may drift along the subspace.
+    project_every: int = 1
 
 
 @dataclass
@@ -288,6 +292,11 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(f"defense.gradient_projection.space must be text or activations, got {gp.space!r}")
     if gp.space == "activations" and (gp.project_inputs or gp.counterfactual):
         raise MemsafeError("defense.gradient_projection.project_inputs and counterfactual apply to space: text only")
+    if gp.project_every < 1:
+        raise MemsafeError(f"defense.gradient_projection.project_every must be at least 1, got {gp.project_every}")
+    if gp.project_every > 1 and (gp.mode != "update" or gp.scope != "all" or config.train.ema):
+        raise MemsafeError("defense.gradient_projection.project_every > 1 needs mode: update, scope: all and "
+                           "train.ema: false (the other modes and the EMA act on every step)")
     if not 0 < gp.activation_energy <= 1 or gp.activation_samples < 1:
         raise MemsafeError("defense.gradient_projection.activation_energy must be in (0, 1] and activation_samples at least 1")
     if model.lora_rank is not None and model.lora_rank < 1:

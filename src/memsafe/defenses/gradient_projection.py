@@ -15,6 +15,8 @@ Two modes:
   AdamW's moments see only the allowed part of the gradient. Under "update" alone they are built from
   the whole gradient, and what is left of the step after projection need not descend the loss: it
   matters when most of the gradient lies in the subspace (space: activations).
+`project_every: N` (mode update) projects the change of N steps at once, and before every checkpoint,
+IET aggregation and the end of training (the loop's `on_sync`): the guarantee holds at those points.
 
 Under LoRA (W = W0 + B A, A: r x d) the same is applied to A, and A is initialised as A (I - U U^T), so
 (B A) u = 0 stays true whatever B learns.
@@ -206,6 +208,7 @@ class GradientProjection(TrainHook):
         # (weights, projector on their device, rows of each weight) per group
         self.groups: list[tuple[list[torch.nn.Parameter], SubspaceProjector, list[int]]] = []
         self.before: list[torch.Tensor] | None = None  # each group's weights before the optimizer step, stacked
+        self.anchors: list[torch.Tensor] = []  # ... at the last projection, under project_every > 1
         self.names: list[list[str]] = []  # each group's weight names
         self.samples = None  # ConceptSampleGradients under scope: concept_samples
         self.removed_sq = self.total_sq = 0.0
@@ -233,6 +236,11 @@ class GradientProjection(TrainHook):
                 self.samples.remove()
             modules = {name: trainer.unwrapped.get_submodule(name.rsplit(".", 1)[0]) for name in self.params}
             self.samples = ConceptSampleGradients(modules, self.config.concepts)
+        self.anchors = [_stacked(params) for params, _, _ in self.groups] if self.deferred else []
+
+    @property
+    def deferred(self) -> bool:
+        return self.config.project_every > 1
 
     def _component(self, matrix: torch.Tensor) -> torch.Tensor:
         basis = self.basis.to(device=matrix.device, dtype=matrix.dtype)
@@ -260,7 +268,7 @@ class GradientProjection(TrainHook):
         if self.samples is not None:
             self._project_concept_samples(trainer)
             return
-        snapshot = self.config.mode in ("update", "both")
+        snapshot = self.config.mode in ("update", "both") and not self.deferred
         project = self.config.mode in ("gradient", "both")
         measure = project or _logging_step(trainer)
         self.before = [] if snapshot else None
@@ -298,12 +306,22 @@ class GradientProjection(TrainHook):
         self.samples.select(None)  # nothing is collected outside training steps
 
     def on_after_step(self, model, trainer) -> None:
-        if self.before is None:
-            return
+        if self.deferred and (trainer.step + 1) % self.config.project_every == 0:
+            self.on_sync(trainer)
+        elif self.before is not None:
+            self._project_change(self.before)
+            self.before = None
+
+    def on_sync(self, trainer) -> None:
+        """Under project_every > 1: projects the change since the last projection."""
+        if self.anchors:
+            self._project_change(self.anchors)
+            self.anchors = [_stacked(params) for params, _, _ in self.groups]
+
+    def _project_change(self, starts: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for (params, projector, rows), before in zip(self.groups, self.before):
-                self._subtract(params, projector.component(_stacked(params) - before), rows)
-        self.before = None
+            for (params, projector, rows), start in zip(self.groups, starts):
+                self._subtract(params, projector.component(_stacked(params) - start), rows)
 
     @property
     def rank(self) -> int:

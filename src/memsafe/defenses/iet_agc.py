@@ -327,6 +327,7 @@ class IETTrainer:
         for _ in range(steps):
             losses.append(proxy.train_step()["loss"])
             bar.update(self.accelerator.num_processes)  # the others train theirs meanwhile
+        proxy.hooks.on_sync(proxy)  # before the proxies are averaged
         agc = proxy.hooks.hooks[0]
         return {"round": self.round, "shard": k, "loss": sum(losses) / len(losses),
                 "skip_rate": agc.take_skip_rate(), "shard_size": len(members), **proxy.hooks.log_values()}

@@ -5,7 +5,8 @@ The loop calls, per optimizer step:
     weights = on_losses(losses, batch, trainer)     # per-sample weights; 0 skips a sample
     on_after_backward(model, trainer)               # e.g. project gradients
     on_after_step(model, trainer)                   # e.g. project the optimizer's update
-and on_train_start / on_round_end around whole phases. Each hook can carry state through checkpoints.
+and on_train_start / on_round_end around whole phases, and on_sync before the weights leave the loop (a
+checkpoint, the end of fit, an IET aggregation). Each hook can carry state through checkpoints.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ class TrainHook:
 
     def on_round_end(self, trainer: Trainer, round_index: int) -> None:
         pass
+
+    def on_sync(self, trainer: Trainer) -> None:
+        """Bring deferred work up to date: the weights are about to be saved, averaged or handed out."""
 
     def log_values(self) -> dict[str, float]:
         return {}
@@ -88,6 +92,10 @@ class HookList(TrainHook):
     def on_round_end(self, trainer, round_index):
         for hook in self.hooks:
             hook.on_round_end(trainer, round_index)
+
+    def on_sync(self, trainer):
+        for hook in self.hooks:
+            hook.on_sync(trainer)
 
     def log_values(self):
         values = {}

@@ -231,6 +231,7 @@ class Trainer:
                     path = self.save_checkpoint(checkpoint_dir)
                     if on_checkpoint:
                         on_checkpoint(path)
+        self.hooks.on_sync(self)
         elapsed = time.perf_counter() - started
         steps_run = self.step - first_step
         return {"steps": self.step, "sec_per_step": elapsed / steps_run if steps_run else math.nan}
@@ -246,6 +247,7 @@ class Trainer:
     def save_checkpoint(self, root: Path) -> Path:
         from memsafe.train.checkpoint import save_checkpoint
 
+        self.hooks.on_sync(self)
         return save_checkpoint(self, root)
 
     def load_checkpoint(self, path: Path) -> None:
@@ -257,6 +259,7 @@ class Trainer:
         """A copy of the weights to sample from: the EMA shadow when asked and kept, else the model."""
         import copy
 
+        self.hooks.on_sync(self)
         model = copy.deepcopy(self.unwrapped).eval()
         if use_ema and self.ema is not None:
             self.ema.copy_to(model.parameters())
