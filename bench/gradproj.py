@@ -145,7 +145,8 @@ class TimedHook(TrainHook):
 
 def hook_overhead(config, steps: int = 60) -> dict:
     """Projection cost beside the step it rides on, on one trainer: the hook's own time per step against the
-    median step time without it (exact), and steps alternately with and without it (noisier on a shared CPU)."""
+    median step time without it (exact), and steps alternately with and without it (noisier on a shared CPU),
+    in blocks of `project_every` steps so that a deferred projection comes once per block, as in training."""
     from memsafe.defenses import build_trainer
 
     train_set, _ = load_dataset(config.data)
@@ -154,15 +155,17 @@ def hook_overhead(config, steps: int = 60) -> dict:
     timed = [TimedHook(h) for h in trainer.hooks.hooks]
     for _ in range(5):
         trainer.train_step()
+    block = config.defense.gradient_projection.project_every
     with_hook, without = [], []
-    for _ in range(steps):
+    for _ in range(steps // block):
         for hooks, times in ((timed, with_hook), ([], without)):
             trainer.hooks.hooks = hooks
-            started = time.perf_counter()
-            trainer.train_step()
-            times.append(time.perf_counter() - started)
+            for _ in range(block):
+                started = time.perf_counter()
+                trainer.train_step()
+                times.append(time.perf_counter() - started)
     step = statistics.median(without)
-    hook = sum(h.seconds for h in timed) / steps
+    hook = sum(h.seconds for h in timed) / len(with_hook)
     return {"hook_ms": 1000 * hook, "step_ms": 1000 * step, "overhead_ratio": 1.0 + hook / step,
             "interleaved_ratio": statistics.median(with_hook) / step}
 
