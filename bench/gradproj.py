@@ -84,6 +84,7 @@ def variants(benchmark: dict) -> dict[str, dict]:
         # ... with the update of 10 steps projected at once (the guarantee holds every 10 steps and at the end)
         "gp_act_every_10_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 10},
         "gp_act_every_50_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 50},
+        "gp_act_every_200_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 200},
     }
 
 
@@ -235,7 +236,7 @@ def main() -> None:
             write(runs, {}, out, args, kept)
     overhead = {}
     for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1", "gp_act_lambda_1", "gp_act_specific_lambda_1",
-                 "gp_act_every_10_lambda_1", "gp_act_every_50_lambda_1"):
+                 "gp_act_every_10_lambda_1", "gp_act_every_50_lambda_1", "gp_act_every_200_lambda_1"):
         if name in runs:
             config = merge(base, finetune_overrides(work, source, args.steps) | all_variants[name]
                            | {"output_dir": str(work / "overhead")})
