@@ -159,7 +159,7 @@ def hook_overhead(config, steps: int = 60) -> dict:
         trainer.train_step()
     block = config.defense.gradient_projection.project_every
     with_hook, without = [], []
-    for _ in range(steps // block):
+    for _ in range(max(1, steps // block)):
         for hooks, times in ((timed, with_hook), ([], without)):
             trainer.hooks.hooks = hooks
             for _ in range(block):
