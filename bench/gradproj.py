@@ -83,6 +83,7 @@ def variants(benchmark: dict) -> dict[str, dict]:
         "gp_act_samples_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.scope": "concept_samples"},
         # ... with the update of 10 steps projected at once (the guarantee holds every 10 steps and at the end)
         "gp_act_every_10_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 10},
+        "gp_act_every_25_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 25},
         "gp_act_every_50_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 50},
         "gp_act_every_200_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 200},
     }
@@ -236,7 +237,8 @@ def main() -> None:
             write(runs, {}, out, args, kept)
     overhead = {}
     for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1", "gp_act_lambda_1", "gp_act_specific_lambda_1",
-                 "gp_act_every_10_lambda_1", "gp_act_every_50_lambda_1", "gp_act_every_200_lambda_1"):
+                 "gp_act_every_10_lambda_1", "gp_act_every_25_lambda_1",
+                 "gp_act_every_50_lambda_1", "gp_act_every_200_lambda_1"):
         if name in runs:
             config = merge(base, finetune_overrides(work, source, args.steps) | all_variants[name]
                            | {"output_dir": str(work / "overhead")})
