@@ -49,6 +49,13 @@ ACTIVATIONS = {"defense.gradient_projection.space": "activations"}
 SPREAD = {"defense.gradient_projection.counterfactual": True, "defense.gradient_projection.project_inputs": True}
 
 
+PROJECT_EVERY = (10, 25, 50, 200)
+
+
+def deferred(every: int) -> str:
+    return f"gp_act_every_{every}_lambda_1"
+
+
 def variants(benchmark: dict) -> dict[str, dict]:
     def gp(strength: float) -> dict:
         return {"defense.name": "gradient_projection", "defense.gradient_projection.concepts": benchmark["concepts"],
@@ -81,11 +88,8 @@ def variants(benchmark: dict) -> dict[str, dict]:
         "gp_act_both_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.mode": "both"},
         # ... only the share of the gradient that the samples naming the concept contribute (no guarantee)
         "gp_act_samples_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.scope": "concept_samples"},
-        # ... with the update of 10 steps projected at once (the guarantee holds every 10 steps and at the end)
-        "gp_act_every_10_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 10},
-        "gp_act_every_25_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 25},
-        "gp_act_every_50_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 50},
-        "gp_act_every_200_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": 200},
+    } | {  # ... with the update of N steps projected at once (the guarantee holds every N steps and at the end)
+        deferred(n): gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": n} for n in PROJECT_EVERY
     }
 
 
@@ -237,8 +241,7 @@ def main() -> None:
             write(runs, {}, out, args, kept)
     overhead = {}
     for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1", "gp_act_lambda_1", "gp_act_specific_lambda_1",
-                 "gp_act_every_10_lambda_1", "gp_act_every_25_lambda_1",
-                 "gp_act_every_50_lambda_1", "gp_act_every_200_lambda_1"):
+                 *map(deferred, PROJECT_EVERY)):
         if name in runs:
             config = merge(base, finetune_overrides(work, source, args.steps) | all_variants[name]
                            | {"output_dir": str(work / "overhead")})

@@ -10,7 +10,8 @@ what projecting off that basis would also freeze. A separable concept holds most
 directions that allowed content barely uses. Without pairs (what a user with example images has), the
 concept can only show as extra input energy of stamped images over allowed ones: `unpaired_excess` is
 the top eigenvalue of that excess second moment divided by the same for a second set of allowed images
-(sampling noise alone), both against one reference set; near 1, the concept does not stand out. Writes bench/results/gradproj_image_side.json and .md.
+(sampling noise alone), both against one reference set; near 1, the concept does not stand out.
+Writes bench/results/gradproj_image_side.json and .md.
 Usage: python bench/gradproj_image_side.py [--base runs/bench-gradproj-new-green/base] [--images 128]
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from memsafe.data.ink_digits import load_stamped_digits
-from memsafe.defenses.concept_activations import energy_basis, input_rows, projectable_layers
+from memsafe.defenses.concept_activations import captured_inputs, energy_basis, projectable_layers
 from memsafe.errors import MemsafeError
 from memsafe.models.text import TextEncoder
 from memsafe.models.unet import build_noise_scheduler
@@ -38,15 +39,8 @@ ENERGIES = (0.5, 0.9, 0.99)
 @torch.no_grad()
 def layer_inputs(unet, scheduler, pixels: torch.Tensor, noise, steps, states) -> dict[str, torch.Tensor]:
     """Every projectable layer's input rows (float64) for one batch."""
-    captured = {}
-    handles = [module.register_forward_pre_hook(
-        lambda module, args, name=name: captured.__setitem__(name, input_rows(module, args[0]).double()))
-        for name, module in projectable_layers(unet).items()]
-    try:
+    with captured_inputs(projectable_layers(unet)) as captured:
         unet(scheduler.add_noise(pixels, noise, steps), steps, encoder_hidden_states=states)
-    finally:
-        for handle in handles:
-            handle.remove()
     return captured
 
 

@@ -14,6 +14,8 @@ difference and stay free.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +45,22 @@ def input_rows(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
                            stride=module.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])
     return inputs.reshape(-1, inputs.shape[-1])
+
+
+@contextmanager
+def captured_inputs(layers: dict[str, torch.nn.Module]):
+    """While open, each forward pass leaves every layer's `input_rows` (float64) in the yielded dict."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name):
+        return lambda module, args: captured.__setitem__(name, input_rows(module, args[0]).double())
+
+    handles = [module.register_forward_pre_hook(capture(name)) for name, module in layers.items()]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def output_rows(output: torch.Tensor) -> torch.Tensor:
@@ -95,43 +113,36 @@ def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixel
     generator = torch.Generator().manual_seed(seed)
     images, named, plain, other = concept_caption_pairs(captions, config.concepts, config.activation_samples, generator)
     device = next(model.parameters()).device
-    captured: dict[str, torch.Tensor] = {}
     covariance: dict[str, torch.Tensor] = {}
     allowed: dict[str, torch.Tensor] = {}
     signal = dict.fromkeys(layers, 0.0)
-
-    def capture(name):
-        return lambda module, args: captured.__setitem__(name, input_rows(module, args[0]).double())
-
-    handles = [module.register_forward_pre_hook(capture(name)) for name, module in layers.items()]
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(images), batch_size):
-            chosen = torch.tensor(images[start : start + batch_size])
-            clean = pixels[chosen].to(device)
-            noise, steps = draw_noise(noise_scheduler, tuple(clean.shape), generator)
-            noise, steps = noise.to(device), steps.to(device)
-            noisy = noise_scheduler.add_noise(clean, noise, steps)
+        with captured_inputs(layers) as captured:
+            for start in range(0, len(images), batch_size):
+                chosen = torch.tensor(images[start : start + batch_size])
+                clean = pixels[chosen].to(device)
+                noise, steps = draw_noise(noise_scheduler, tuple(clean.shape), generator)
+                noise, steps = noise.to(device), steps.to(device)
+                noisy = noise_scheduler.add_noise(clean, noise, steps)
 
-            def inputs_with(prompts: list[str]) -> dict[str, torch.Tensor]:
-                model(noisy, steps, encoder_hidden_states=encoder.encode(prompts[start : start + batch_size]).to(device))
-                return dict(captured)
+                def inputs_with(prompts: list[str]) -> dict[str, torch.Tensor]:
+                    model(noisy, steps, encoder_hidden_states=encoder.encode(prompts[start : start + batch_size]).to(device))
+                    return dict(captured)
 
-            def add_changes(store: dict[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> None:
+                def add_changes(store: dict[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> None:
+                    for name in layers:
+                        change = (changed[name] - without[name]).cpu()
+                        store[name] = store.get(name, 0) + change.T @ change
+
+                without = inputs_with(plain)
+                if config.activation_allowed:
+                    add_changes(allowed, inputs_with(other))
+                add_changes(covariance, inputs_with(named))
                 for name in layers:
-                    change = (changed[name] - without[name]).cpu()
-                    store[name] = store.get(name, 0) + change.T @ change
-
-            without = inputs_with(plain)
-            if config.activation_allowed:
-                add_changes(allowed, inputs_with(other))
-            add_changes(covariance, inputs_with(named))
-            for name in layers:
-                signal[name] += without[name].pow(2).sum().item()
+                    signal[name] += without[name].pow(2).sum().item()
     finally:
-        for handle in handles:
-            handle.remove()
         model.train(was_training)
     # A layer upstream of every cross-attention sees exactly the same inputs either way.
     reached = {name for name in layers if covariance[name].trace() > 1e-10 * max(signal[name], 1e-30)}
