@@ -19,16 +19,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from memsafe.config import config_from_dict, merge
-from memsafe.data import load_dataset, load_images
+from memsafe.data import ImageSet, load_dataset, load_images
 from memsafe.data.ink_digits import INK_NAMES
 from memsafe.metrics.attributes import ink_digit_detector
 from memsafe.metrics.extraction import ConceptAttack, attack_for, measure_concept
 from memsafe.metrics.features import domain_feature_net
 from memsafe.metrics.fid import fid_with_features
-from memsafe.runs import read_status, run_prompt_sampler, train_run
+from memsafe.runs import read_status, run_heldout_loss, run_prompt_sampler, train_run
 from memsafe.train.hooks import TrainHook
 
 RESULTS = Path(__file__).parent / "results"
@@ -90,11 +88,15 @@ def variants(benchmark: dict) -> dict[str, dict]:
         "gp_act_samples_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.scope": "concept_samples"},
     } | {  # ... with the update of N steps projected at once (the guarantee holds every N steps and at the end)
         deferred(n): gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": n} for n in PROJECT_EVERY
+    } | {  # ... and each layer's basis holding more of the concept's input change
+        f"gp_act_every_{n}_energy_{energy}_lambda_1": gp(1.0) | ACTIVATIONS | {
+            "defense.gradient_projection.project_every": n, "defense.gradient_projection.activation_energy": energy}
+        for n, energy in ((10, 0.995), (10, 0.999), (25, 0.995))
     }
 
 
 VARIANTS = variants(BENCHMARKS["stamp"])
-METRICS = ("extraction_rate", "base_rate", "allowed_accuracy", "fid", "wall_s", "sec_per_step")
+METRICS = ("extraction_rate", "base_rate", "allowed_accuracy", "heldout_loss", "fid", "wall_s", "sec_per_step")
 
 
 def base_config(work: Path, source: str, resolution: int, pretrain_steps: int, text_encoder: str,
@@ -117,12 +119,27 @@ def finetune_overrides(work: Path, source: str, steps: int) -> dict:
 
 
 def evaluate(run_dir: Path, seed: int, per_prompt: int, attack: ConceptAttack, detector, feature_net,
-             allowed_real: torch.Tensor) -> dict:
+             allowed_holdout: ImageSet, new_ink: str | None) -> dict:
     generate = run_prompt_sampler(run_dir, seed)
     measured = measure_concept(generate, detector, attack, per_prompt=per_prompt)
     allowed = generate([p for p, _, _ in attack.allowed_prompts() for _ in range(per_prompt)])
-    measured["fid"] = fid_with_features(allowed_real, allowed, feature_net)
-    return measured
+    measured["fid"] = fid_with_features(allowed_holdout.as_model_input(), allowed, feature_net)
+    return measured | heldout_readings(run_dir, allowed_holdout, new_ink)
+
+
+def heldout_readings(run_dir: Path, allowed_holdout: ImageSet, new_ink: str | None) -> dict:
+    """Denoising loss on the held-out allowed images under their captions (and on those in the new ink): a
+    quality reading on the same noise for every run, so free of the sampling noise of scoring generations."""
+    losses = run_heldout_loss(run_dir, allowed_holdout)
+    readings = {"heldout_loss": losses.mean().item()}
+    if new_ink:
+        in_ink = [i for i, caption in enumerate(allowed_holdout.captions) if new_ink in caption.split()]
+        readings[f"heldout_loss_{new_ink}"] = losses[in_ink].mean().item()
+    return readings
+
+
+def save_record(run_dir: Path, expected: dict, record: dict) -> None:
+    (run_dir / RECORD).write_text(json.dumps({"settings": expected, "record": record}) + "\n")
 
 
 class TimedHook(TrainHook):
@@ -219,8 +236,7 @@ def main() -> None:
     real = load_images(merge(base, {"data.source": source}).data)
     feature_net = domain_feature_net(real.as_model_input(), progress=progress)
     _, holdout = load_dataset(merge(base, finetune_overrides(work, source, args.steps)).data)
-    allowed_real = holdout.subset(
-        [i for i, c in enumerate(holdout.captions) if benchmark["filter_word"] not in c]).as_model_input()
+    allowed_holdout = holdout.subset([i for i, c in enumerate(holdout.captions) if benchmark["filter_word"] not in c])
 
     runs: dict[str, list[dict]] = {n: [] for n in args.variants.split(",")}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
@@ -234,8 +250,12 @@ def main() -> None:
                 run_dir = train_run(config, progress=progress)
                 wall = time.perf_counter() - started
                 record = {"seed": seed, "wall_s": wall, "sec_per_step": read_status(run_dir)["sec_per_step"],
-                          **evaluate(run_dir, seed, args.per_prompt, attack, detector, feature_net, allowed_real)}
-                (run_dir / RECORD).write_text(json.dumps({"settings": settings(args), "record": record}) + "\n")
+                          **evaluate(run_dir, seed, args.per_prompt, attack, detector, feature_net, allowed_holdout,
+                                     args.new_ink)}
+                save_record(run_dir, settings(args), record)
+            elif "heldout_loss" not in record:  # measured before the held-out loss was
+                record |= heldout_readings(Path(config.output_dir), allowed_holdout, args.new_ink)
+                save_record(Path(config.output_dir), settings(args), record)
             runs[name].append(record)
             print(json.dumps({"variant": name, **record}), flush=True)
             write(runs, {}, out, args, kept)
@@ -284,7 +304,7 @@ def baseline_of(name: str, results: dict) -> str:
 
 def new_ink_metric(args) -> tuple[str, ...]:
     """Accuracy on the ink that the base never saw, when there is one (--new-ink)."""
-    return (f"allowed_accuracy_{args.new_ink}",) if args.new_ink else ()
+    return (f"allowed_accuracy_{args.new_ink}", f"heldout_loss_{args.new_ink}") if args.new_ink else ()
 
 
 def paired_ratio(runs: list[dict], baseline_runs: list[dict], key: str) -> dict:
@@ -321,6 +341,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
             summary["excess_extraction_cut"] = 1.0 - excess / excess_none if excess_none > 0 else float("nan")
             summary["allowed_accuracy_ratio"] = summary["allowed_accuracy"] / max(none["allowed_accuracy"], 1e-9)
             summary |= paired_ratio(summary["runs"], none["runs"], "allowed_accuracy")
+            summary |= paired_ratio(summary["runs"], none["runs"], "heldout_loss")
     for name, measured in overhead.items():  # kept variants keep their own
         results[name]["overhead"] = measured
         results[name]["overhead_ratio"] = measured["overhead_ratio"]
@@ -329,18 +350,21 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
     out.write_text(json.dumps(results, indent=2) + "\n")
     new_ink = new_ink_metric(args)
     lines = ["| variant | extraction rate | base rate | compared with | extraction cut | excess cut "
-             "| allowed accuracy (ratio; per-seed ratio) | FID (domain) | wall s | step-time ratio | hook overhead |"
-             + (f" accuracy, {args.new_ink} (new) |" if new_ink else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(new_ink)]
+             "| allowed accuracy (ratio; per-seed ratio) | held-out loss (per-seed ratio) | FID (domain) | wall s "
+             "| step-time ratio | hook overhead |"
+             + (f" accuracy, {args.new_ink} (new) | held-out loss, {args.new_ink} |" if new_ink else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(new_ink)]
     nan = float("nan")
     for name, r in results.items():
         if name == "settings":
             continue
-        new_cells = "".join(f" {r.get(key, nan):.3f} |" for key in new_ink)
+        new_cells = "".join(f" {r.get(key, nan):.4f} |" for key in new_ink)
         lines.append(f"| {name} | {r['extraction_rate']:.3f} ± {r['extraction_rate_std']:.3f} | {r['base_rate']:.3f} "
                      f"| {r.get('baseline', '')} | {r.get('extraction_cut', nan):.1%} | {r.get('excess_extraction_cut', nan):.1%} "
                      f"| {r['allowed_accuracy']:.3f} ({r.get('allowed_accuracy_ratio', nan):.3f}; "
                      f"{r.get('allowed_accuracy_paired_ratio', nan):.3f} ± {r.get('allowed_accuracy_paired_ratio_std', nan):.3f}) "
+                     f"| {r.get('heldout_loss', nan):.4f} ({r.get('heldout_loss_paired_ratio', nan):.3f} ± "
+                     f"{r.get('heldout_loss_paired_ratio_std', nan):.3f}) "
                      f"| {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['wall_s']:.0f} "
                      f"| {r.get('step_time_ratio', nan):.3f} | {r.get('overhead_ratio', nan):.4f} |" + new_cells)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

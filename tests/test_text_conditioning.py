@@ -74,3 +74,30 @@ def test_text_run_on_a_folder_without_captions_is_refused(tmp_path, capsys):
     assert main(["train", "--config", str(path), "--no-progress"]) == 1
     assert "needs captions" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_heldout_loss_falls_with_training_and_is_the_same_whatever_the_batching(tmp_path):
+    from memsafe.config import config_from_dict
+    from memsafe.metrics.heldout import heldout_denoising_loss
+    from memsafe.models.unet import build_noise_scheduler
+    from memsafe.runs import load_run_config, load_run_unet, run_heldout_loss, train_run
+
+    runs = {steps: train_run(config_from_dict(tiny_config_dict(
+        tmp_path / f"run{steps}", model=TEXT, train={"max_steps": steps, "caption_dropout": 0.0})), progress=False)
+        for steps in (2, 150)}
+    _, holdout = load_dataset(load_run_config(runs[150]).data)
+    assert run_heldout_loss(runs[150], holdout).mean() < 0.8 * run_heldout_loss(runs[2], holdout).mean()
+
+    config = load_run_config(runs[150])
+    unet, scheduler = load_run_unet(runs[150], config), build_noise_scheduler(config.model)
+    encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+    images = holdout.as_model_input()
+
+    def losses(seed, batch_size):
+        return heldout_denoising_loss(unet, scheduler, encoder, images, holdout.captions, draws=2, seed=seed,
+                                      batch_size=batch_size)
+
+    torch.testing.assert_close(losses(0, 7), losses(0, 256))  # the draws depend on the seed only
+    assert not torch.allclose(losses(0, 256), losses(1, 256))
+    with pytest.raises(ValueError, match="as many captions"):
+        heldout_denoising_loss(unet, scheduler, encoder, images, holdout.captions[:-1])

@@ -19,7 +19,7 @@ import yaml
 from diffusers import DDPMPipeline
 
 from memsafe.config import RunConfig, config_from_dict
-from memsafe.data import load_dataset, load_images
+from memsafe.data import ImageSet, load_dataset, load_images
 from memsafe.defenses import build_trainer
 from memsafe.errors import MemsafeError
 from memsafe.metrics.evaluate import Evaluation, evaluate_samples
@@ -176,6 +176,19 @@ def run_prompt_sampler(run_dir: Path, seed: int):
     """`prompt_sampler` for a finished text run, its UNet loaded once."""
     config = load_run_config(run_dir)
     return prompt_sampler(load_run_unet(run_dir, config), config, seed)
+
+
+def run_heldout_loss(run_dir: Path, images: ImageSet) -> torch.Tensor:
+    """Per-image held-out denoising loss of a finished text run (metrics/heldout.py) on captioned `images`."""
+    from memsafe.metrics.heldout import heldout_denoising_loss
+    from memsafe.models.text import TextEncoder
+
+    config = load_run_config(run_dir)
+    if config.model.conditioning != "text" or not images.captions:
+        raise MemsafeError(f"held-out loss needs a text run and captioned images (run {run_dir})")
+    encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+    return heldout_denoising_loss(load_run_unet(run_dir, config), build_noise_scheduler(config.model), encoder,
+                                  images.as_model_input(), images.captions)
 
 
 def sample_run(
