@@ -340,8 +340,8 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
             excess = summary["extraction_rate"] - summary["base_rate"]
             summary["excess_extraction_cut"] = 1.0 - excess / excess_none if excess_none > 0 else float("nan")
             summary["allowed_accuracy_ratio"] = summary["allowed_accuracy"] / max(none["allowed_accuracy"], 1e-9)
-            summary |= paired_ratio(summary["runs"], none["runs"], "allowed_accuracy")
-            summary |= paired_ratio(summary["runs"], none["runs"], "heldout_loss")
+            for key in ("allowed_accuracy", "heldout_loss", *(k for k in new_ink_metric(args) if k.startswith("heldout"))):
+                summary |= paired_ratio(summary["runs"], none["runs"], key)
     for name, measured in overhead.items():  # kept variants keep their own
         results[name]["overhead"] = measured
         results[name]["overhead_ratio"] = measured["overhead_ratio"]
@@ -352,13 +352,14 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
     lines = ["| variant | extraction rate | base rate | compared with | extraction cut | excess cut "
              "| allowed accuracy (ratio; per-seed ratio) | held-out loss (per-seed ratio) | FID (domain) | wall s "
              "| step-time ratio | hook overhead |"
-             + (f" accuracy, {args.new_ink} (new) | held-out loss, {args.new_ink} |" if new_ink else ""),
+             + (f" accuracy, {args.new_ink} (new) | held-out loss, {args.new_ink} (per-seed ratio) |" if new_ink else ""),
              "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(new_ink)]
     nan = float("nan")
     for name, r in results.items():
         if name == "settings":
             continue
-        new_cells = "".join(f" {r.get(key, nan):.4f} |" for key in new_ink)
+        new_cells = "".join(f" {r.get(key, nan):.4f}" + (f" ({r[f'{key}_paired_ratio']:.3f} ± {r[f'{key}_paired_ratio_std']:.3f})"
+                                                           if f"{key}_paired_ratio" in r else "") + " |" for key in new_ink)
         lines.append(f"| {name} | {r['extraction_rate']:.3f} ± {r['extraction_rate_std']:.3f} | {r['base_rate']:.3f} "
                      f"| {r.get('baseline', '')} | {r.get('extraction_cut', nan):.1%} | {r.get('excess_extraction_cut', nan):.1%} "
                      f"| {r['allowed_accuracy']:.3f} ({r.get('allowed_accuracy_ratio', nan):.3f}; "
