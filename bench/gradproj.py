@@ -329,6 +329,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
             summary[key] = statistics.fmean(values)
             summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
         results[name] = summary | {"runs": records}
+    paired = ("allowed_accuracy", "heldout_loss", *(k for k in new_ink_metric(args) if k.startswith("heldout")))
     if "none" in results:
         for name, summary in results.items():
             summary["baseline"] = baseline_of(name, results)
@@ -340,7 +341,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
             excess = summary["extraction_rate"] - summary["base_rate"]
             summary["excess_extraction_cut"] = 1.0 - excess / excess_none if excess_none > 0 else float("nan")
             summary["allowed_accuracy_ratio"] = summary["allowed_accuracy"] / max(none["allowed_accuracy"], 1e-9)
-            for key in ("allowed_accuracy", "heldout_loss", *(k for k in new_ink_metric(args) if k.startswith("heldout"))):
+            for key in paired:
                 summary |= paired_ratio(summary["runs"], none["runs"], key)
     for name, measured in overhead.items():  # kept variants keep their own
         results[name]["overhead"] = measured
@@ -358,17 +359,21 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
     for name, r in results.items():
         if name == "settings":
             continue
-        new_cells = "".join(f" {r.get(key, nan):.4f}" + (f" ({r[f'{key}_paired_ratio']:.3f} ± {r[f'{key}_paired_ratio_std']:.3f})"
-                                                           if f"{key}_paired_ratio" in r else "") + " |" for key in new_ink)
+        new_cells = "".join(f" {r.get(key, nan):.4f}" + (f" ({ratio_cell(r, key)})" if f"{key}_paired_ratio" in r else "") + " |"
+                            for key in new_ink)
         lines.append(f"| {name} | {r['extraction_rate']:.3f} ± {r['extraction_rate_std']:.3f} | {r['base_rate']:.3f} "
                      f"| {r.get('baseline', '')} | {r.get('extraction_cut', nan):.1%} | {r.get('excess_extraction_cut', nan):.1%} "
                      f"| {r['allowed_accuracy']:.3f} ({r.get('allowed_accuracy_ratio', nan):.3f}; "
-                     f"{r.get('allowed_accuracy_paired_ratio', nan):.3f} ± {r.get('allowed_accuracy_paired_ratio_std', nan):.3f}) "
-                     f"| {r.get('heldout_loss', nan):.4f} ({r.get('heldout_loss_paired_ratio', nan):.3f} ± "
-                     f"{r.get('heldout_loss_paired_ratio_std', nan):.3f}) "
+                     f"{ratio_cell(r, 'allowed_accuracy')}) | {r.get('heldout_loss', nan):.4f} ({ratio_cell(r, 'heldout_loss')}) "
                      f"| {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['wall_s']:.0f} "
                      f"| {r.get('step_time_ratio', nan):.3f} | {r.get('overhead_ratio', nan):.4f} |" + new_cells)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def ratio_cell(summary: dict, key: str) -> str:
+    """'mean ± std' of a reading's per-seed ratio to the baseline (nan where it has none)."""
+    nan = float("nan")
+    return f"{summary.get(f'{key}_paired_ratio', nan):.3f} ± {summary.get(f'{key}_paired_ratio_std', nan):.3f}"
 
 
 if __name__ == "__main__":
