@@ -5,9 +5,13 @@ fine-tuned, per variant and seed, on the set that contains it: `--concept stamp`
 in 10 % of the digits; `--concept ink`, red ink in 30 %. Each fine-tuned model is attacked (direct,
 paraphrased and combined prompts for the concept) and measured: extraction rate, base rate, allowed
 accuracy, FID on allowed prompts against held-out images without the concept, wall time. LoRA variants are
-compared with the undefended LoRA run (`none_lora`) when it is measured. Writes bench/results/gradproj[-ink].json
-and .md; `--add` keeps the variants of an earlier call with the same settings.
-Usage: python bench/gradproj.py [--concept stamp] [--seeds 3] [--variants a,b] [--add] [--new-ink green] [--quick]
+compared with the undefended LoRA run (`none_lora`) when it is measured. `--new-ink green` pretrains the base
+without green, so fine-tuning has allowed content to learn; `--scarce-share 0.1` then keeps only 10 % of the
+green images without the concept, so that the concept images hold most of the green and filtering loses it.
+Writes bench/results/gradproj[-ink][-new-<ink>][-scarce-<share>].json and .md; `--add` keeps the variants of an
+earlier call with the same settings.
+Usage: python bench/gradproj.py [--concept stamp] [--seeds 3] [--variants a,b] [--add] [--new-ink green]
+                                [--scarce-share 0.1] [--quick]
 """
 
 from __future__ import annotations
@@ -112,10 +116,11 @@ def base_config(work: Path, source: str, resolution: int, pretrain_steps: int, t
     }
 
 
-def finetune_overrides(work: Path, source: str, steps: int) -> dict:
+def finetune_overrides(work: Path, source: str, steps: int, scarce: dict | None = None) -> dict:
+    """`scarce`: {"data.thin_text": ..., "data.thin_except_text": ...} of --scarce-share, applied in every variant."""
     return {"data.source": source, "data.exclude_text": [], "data.holdout_images": 297, "data.seed": 0,
             "model.pretrained": str(work / "base" / "model"), "train.max_steps": steps,
-            "train.learning_rate": 2e-4, "train.warmup_steps": 0}
+            "train.learning_rate": 2e-4, "train.warmup_steps": 0} | (scarce or {})
 
 
 def evaluate(run_dir: Path, seed: int, per_prompt: int, attack: ConceptAttack, detector, feature_net,
@@ -210,17 +215,25 @@ def main() -> None:
     parser.add_argument("--new-ink", choices=INK_NAMES,
                         help="pretrain the base without this allowed ink, so that fine-tuning has new allowed "
                              "content to learn (its accuracy: allowed_accuracy_<ink>)")
+    parser.add_argument("--scarce-share", type=float,
+                        help="with --new-ink: keep only this share of the training images in the new ink that do not "
+                             "show the concept, so that the concept images hold much of it and filtering them loses it")
     parser.add_argument("--quick", action="store_true", help="a smoke run: tiny budgets, 8x8, one seed")
     parser.add_argument("--out", help="default bench/results/<results name>.json")
     parser.add_argument("--add", action="store_true",
                         help="keep the variants already in --out (same settings) that this call does not run")
     args = parser.parse_args()
+    if args.scarce_share is not None and not args.new_ink:
+        parser.error("--scarce-share needs --new-ink (the ink to make scarce)")
     if args.quick:
         args.seeds, args.pretrain_steps, args.steps, args.per_prompt, args.resolution = 1, 20, 10, 1, 8
     benchmark = BENCHMARKS[args.concept]
     args.steps = args.steps or benchmark["steps"]
     source, all_variants, attack = benchmark["source"], variants(benchmark), attack_for(benchmark["source"])
-    name = benchmark["results"] + (f"-new-{args.new_ink}" if args.new_ink else "")
+    name = benchmark["results"] + (f"-new-{args.new_ink}" if args.new_ink else "") + (
+        f"-scarce-{args.scarce_share:g}" if args.scarce_share is not None else "")
+    scarce = {"data.thin_text": {args.new_ink: args.scarce_share},
+              "data.thin_except_text": [benchmark["filter_word"]]} if args.scarce_share is not None else {}
     work = Path(args.work or f"runs/bench-{name}")
     out = Path(args.out or RESULTS / f"{name}.json")
     unknown = sorted(set(args.variants.split(",")) - set(all_variants))
@@ -235,13 +248,13 @@ def main() -> None:
     detector = ink_digit_detector(args.resolution, progress=progress)
     real = load_images(merge(base, {"data.source": source}).data)
     feature_net = domain_feature_net(real.as_model_input(), progress=progress)
-    _, holdout = load_dataset(merge(base, finetune_overrides(work, source, args.steps)).data)
+    _, holdout = load_dataset(merge(base, finetune_overrides(work, source, args.steps, scarce)).data)
     allowed_holdout = holdout.subset([i for i, c in enumerate(holdout.captions) if benchmark["filter_word"] not in c])
 
     runs: dict[str, list[dict]] = {n: [] for n in args.variants.split(",")}
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in runs:
-            overrides = finetune_overrides(work, source, args.steps) | all_variants[name] | {
+            overrides = finetune_overrides(work, source, args.steps, scarce) | all_variants[name] | {
                 "train.seed": seed, "output_dir": str(work / f"{name}-{seed}")}
             config = merge(base, overrides)
             record = cached_record(Path(config.output_dir), settings(args))
@@ -263,7 +276,7 @@ def main() -> None:
     for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1", "gp_act_lambda_1", "gp_act_specific_lambda_1",
                  *map(deferred, PROJECT_EVERY)):
         if name in runs:
-            config = merge(base, finetune_overrides(work, source, args.steps) | all_variants[name]
+            config = merge(base, finetune_overrides(work, source, args.steps, scarce) | all_variants[name]
                            | {"output_dir": str(work / "overhead")})
             overhead[name] = hook_overhead(config)
             print(json.dumps({"variant": name, **overhead[name]}), flush=True)
@@ -284,7 +297,8 @@ def cached_record(run_dir: Path, expected: dict) -> dict | None:
 def settings(args) -> dict:
     return {"concept": args.concept, "pretrain_steps": args.pretrain_steps, "steps": args.steps,
             "per_prompt": args.per_prompt, "resolution": args.resolution, "seeds": args.seeds} | (
-            {"new_ink": args.new_ink} if args.new_ink else {})
+            {"new_ink": args.new_ink} if args.new_ink else {}) | (
+            {"scarce_share": args.scarce_share} if args.scarce_share is not None else {})
 
 
 def kept_results(out: Path, args) -> dict[str, dict]:

@@ -121,6 +121,29 @@ def test_exclude_text_filters_training_images_only():
         load_dataset(DataConfig(source="builtin:ink-digits", resolution=8, channels=3, exclude_text=["digit"]))
 
 
+def test_thin_text_makes_content_scarce_outside_the_spared_images():
+    def data(**kw):
+        return DataConfig(source="builtin:stamped-digits", resolution=8, channels=3, holdout_images=100, **kw)
+
+    def count(images, word, spared=False):
+        return sum(word in c and ("acme" in c) == spared for c in images.captions)
+
+    full, holdout = load_dataset(data())
+    thinned, same_holdout = load_dataset(data(thin_text={"green": 0.2}, thin_except_text=["acme"]))
+    assert holdout.names == same_holdout.names
+    assert count(thinned, "green") == round(0.2 * count(full, "green"))
+    for word, spared in (("green", True), ("blue", False), ("red", False), ("acme", True)):
+        assert count(thinned, word, spared) == count(full, word, spared) > 0
+    filtered, _ = load_dataset(data(thin_text={"green": 0.2}, thin_except_text=["acme"], exclude_text=["acme"]))
+    assert set(filtered.names) == {n for n, c in zip(thinned.names, thinned.captions) if "acme" not in c}
+    unspared, _ = load_dataset(data(thin_text={"green": 0.2}))
+    assert count(unspared, "green", spared=True) < count(full, "green", spared=True)
+    with pytest.raises(MemsafeError, match=r"thin_text\['green'\] must be a share in \[0, 1\]"):
+        load_dataset(data(thin_text={"green": 1.5}))
+    with pytest.raises(MemsafeError, match="no training caption has 'purple'"):
+        load_dataset(data(thin_text={"purple": 0.5}))
+
+
 def test_ink_assignment_is_independent_of_the_holdout_split():
     train, holdout = load_dataset(DataConfig(source="builtin:ink-digits", resolution=8, channels=3, holdout_images=300))
     for part in (train, holdout):

@@ -23,6 +23,9 @@ class DataConfig:
     holdout_images: int = 0  # real images kept out of training, the FID reference
     center_crop: bool = True
     exclude_text: list[str] = field(default_factory=list)  # drop training images whose caption has any of these
+    # keep only this share (seeded) of the training images whose caption has the word (scarce content) ...
+    thin_text: dict[str, float] = field(default_factory=dict)
+    thin_except_text: list[str] = field(default_factory=list)  # ... sparing those whose caption has any of these
     seed: int = 0
 
 

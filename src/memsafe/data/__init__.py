@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from memsafe.config import DataConfig
 from memsafe.data.digits import load_digits
 from memsafe.data.image_folder import load_image_folder
@@ -31,10 +33,11 @@ def load_images(config: DataConfig) -> ImageSet:
 
 def load_dataset(config: DataConfig, images: ImageSet | None = None) -> tuple[ImageSet, ImageSet]:
     """(training images, held-out images) as the config asks, from `images` when already loaded;
-    `exclude_text` filters the training images only (the data-filtering baseline: held-out images stay
-    the same for every variant)."""
+    `thin_text` and `exclude_text` filter the training images only (held-out images stay the same for every
+    variant). Thinning comes first, so that filtering drops concept images from the same thinned set."""
     images = images if images is not None else load_images(config)
     train, holdout = split_holdout(images, config.max_train_images, config.holdout_images, config.seed)
+    train = thin_captions(train, config.thin_text, config.thin_except_text, config.seed)
     return exclude_captions(train, config.exclude_text), holdout
 
 
@@ -49,6 +52,29 @@ def exclude_captions(images: ImageSet, words: list[str]) -> ImageSet:
     if not keep:
         raise MemsafeError(f"data.exclude_text {words} removes every training image")
     return images.subset(keep)
+
+
+def thin_captions(images: ImageSet, shares: dict[str, float], spared: list[str], seed: int) -> ImageSet:
+    """Keeps `shares[word]` (a seeded draw) of the images whose caption has `word` and none of `spared`:
+    content made scarce outside the images that carry a concept."""
+    from memsafe.errors import MemsafeError
+
+    if not shares:
+        return images
+    if images.captions is None:
+        raise MemsafeError("data.thin_text needs captions (metadata.jsonl 'text' fields)")
+    generator = torch.Generator().manual_seed(seed)
+    dropped: set[int] = set()
+    for word, share in shares.items():
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0.0 <= share <= 1.0:
+            raise MemsafeError(f"data.thin_text['{word}'] must be a share in [0, 1], got {share!r}")
+        candidates = [i for i, caption in enumerate(images.captions)
+                      if word in caption and not any(s in caption for s in spared)]
+        if not candidates:
+            raise MemsafeError(f"data.thin_text: no training caption has '{word}' (without {spared})")
+        order = torch.randperm(len(candidates), generator=generator).tolist()
+        dropped |= {candidates[j] for j in order[round(share * len(candidates)):]}
+    return images.subset([i for i in range(len(images)) if i not in dropped])
 
 
 __all__ = ["ImageSet", "load_dataset", "load_images", "split_holdout", "to_model_range", "to_uint8", "to_unit_range"]
