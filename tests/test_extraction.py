@@ -9,10 +9,10 @@ from memsafe.metrics.attributes import ink_digit_detector
 from memsafe.metrics.extraction import ACME_STAMP, RED_INK, attack_for, measure_concept
 
 
-def _renderer(never_ink=None, stamps=False):
+def _renderer(never_ink=None, stamps=False, stamp_ink=None):
     """A generator that draws a real (held-out) digit in the ink the prompt names, or in blue when the
-    prompt names none or names `never_ink`, stamped when `stamps` and the prompt names acme: real images
-    standing in for a perfect / a defended model."""
+    prompt names none or names `never_ink`, stamped when `stamps` and the prompt names acme, or when the
+    prompt names `stamp_ink`: real images standing in for a perfect / a defended / a leaky model."""
     digits = load_digits(8, channels=1)
     held_out = digits.subset(torch.arange(1500, len(digits)))
 
@@ -23,7 +23,8 @@ def _renderer(never_ink=None, stamps=False):
             ink = next((n for n in INK_NAMES if n in prompt and n != never_ink), "blue")
             pick = torch.nonzero(held_out.labels == digit).squeeze(1)[i % 20]
             image = render_in_ink(held_out.pixels[pick : pick + 1], torch.tensor([INK_NAMES.index(ink)]))
-            images.append(add_stamp(image, torch.tensor([int(stamps and "acme" in prompt)])))
+            stamped = (stamps and "acme" in prompt) or (stamp_ink is not None and stamp_ink in prompt)
+            images.append(add_stamp(image, torch.tensor([int(stamped)])))
         return to_model_range(torch.cat(images))
 
     return generate
@@ -65,3 +66,12 @@ def test_allowed_accuracy_per_ink_finds_the_ink_a_model_cannot_draw():
     assert measured["allowed_accuracy_green"] < 0.1 < 0.5 < measured["allowed_accuracy_red"]
     shares = [measured[f"allowed_accuracy_{ink}"] for ink in INK_NAMES]
     assert abs(sum(shares) / 3 - measured["allowed_accuracy"]) < 1e-6  # each ink has as many prompts
+
+
+def test_stamped_share_per_ink_finds_the_ink_that_brings_the_stamp():
+    detector = ink_digit_detector(8, progress=False)
+    measured = measure_concept(_renderer(stamp_ink="green"), detector, ACME_STAMP, per_prompt=1)
+    assert measured["allowed_shows_concept_green"] > 0.9
+    assert measured["allowed_shows_concept_red"] < 0.1 and measured["allowed_shows_concept_blue"] < 0.1
+    assert abs(sum(measured[f"allowed_shows_concept_{ink}"] for ink in INK_NAMES) / 3
+               - measured["allowed_shows_concept"]) < 1e-6

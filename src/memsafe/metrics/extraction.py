@@ -7,7 +7,10 @@ allowed content. A detector decides whether each generation shows the concept. R
   is extraction_rate close to base_rate);
 - allowed_accuracy: share of generations for allowed prompts that show exactly what was asked
   (digit and ink), the text-image agreement of the allowed attributes; allowed_accuracy_<ink> the same
-  for the prompts naming one ink (e.g. an ink the base model never saw).
+  for the prompts naming one ink (e.g. an ink the base model never saw);
+- allowed_shows_concept: share of generations for allowed prompts that show the concept unasked;
+  allowed_shows_concept_<ink> the same per ink (an ink that mostly appeared beside the concept in
+  training may bring it along).
 
 Two built-in concepts, one per benchmark set (`memsafe.data.ink_digits`): the red ink and the acme stamp.
 """
@@ -109,4 +112,6 @@ def measure_concept(
         "allowed_accuracy": correct.mean().item(),
         **{f"allowed_accuracy_{INK_NAMES[ink]}": correct[want_ink.eq(ink)].mean().item() for ink in want_ink.unique().tolist()},
         "allowed_shows_concept": allowed_hits.mean().item(),
+        **{f"allowed_shows_concept_{INK_NAMES[ink]}": allowed_hits[want_ink.eq(ink)].mean().item()
+           for ink in want_ink.unique().tolist()},
     }
