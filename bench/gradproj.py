@@ -225,6 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.scarce_share is not None and not args.new_ink:
         parser.error("--scarce-share needs --new-ink (the ink to make scarce)")
+    if args.scarce_share is not None and not 0.0 <= args.scarce_share <= 1.0:
+        parser.error(f"--scarce-share must be a share in [0, 1], got {args.scarce_share}")
     if args.quick:
         args.seeds, args.pretrain_steps, args.steps, args.per_prompt, args.resolution = 1, 20, 10, 1, 8
     benchmark = BENCHMARKS[args.concept]
