@@ -116,11 +116,11 @@ def base_config(work: Path, source: str, resolution: int, pretrain_steps: int, t
     }
 
 
-def finetune_overrides(work: Path, source: str, steps: int, scarce: dict | None = None) -> dict:
+def finetune_overrides(work: Path, source: str, steps: int, scarce: dict) -> dict:
     """`scarce`: {"data.thin_text": ..., "data.thin_except_text": ...} of --scarce-share, applied in every variant."""
     return {"data.source": source, "data.exclude_text": [], "data.holdout_images": 297, "data.seed": 0,
             "model.pretrained": str(work / "base" / "model"), "train.max_steps": steps,
-            "train.learning_rate": 2e-4, "train.warmup_steps": 0} | (scarce or {})
+            "train.learning_rate": 2e-4, "train.warmup_steps": 0} | scarce
 
 
 def evaluate(run_dir: Path, seed: int, per_prompt: int, attack: ConceptAttack, detector, feature_net,

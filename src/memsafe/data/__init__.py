@@ -9,6 +9,7 @@ from memsafe.data.digits import load_digits
 from memsafe.data.image_folder import load_image_folder
 from memsafe.data.ink_digits import load_ink_digits, load_stamped_digits
 from memsafe.data.images import ImageSet, split_holdout, to_model_range, to_uint8, to_unit_range
+from memsafe.errors import MemsafeError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SETS = {
@@ -21,8 +22,6 @@ BUILTIN_SETS = {
 
 
 def load_images(config: DataConfig) -> ImageSet:
-    from memsafe.errors import MemsafeError
-
     if config.source.startswith(BUILTIN_PREFIX):
         name = config.source[len(BUILTIN_PREFIX):]
         if name not in BUILTIN_SETS:
@@ -42,34 +41,36 @@ def load_dataset(config: DataConfig, images: ImageSet | None = None) -> tuple[Im
 
 
 def exclude_captions(images: ImageSet, words: list[str]) -> ImageSet:
-    from memsafe.errors import MemsafeError
-
     if not words:
         return images
-    if images.captions is None:
-        raise MemsafeError("data.exclude_text needs captions (metadata.jsonl 'text' fields)")
-    keep = [i for i, caption in enumerate(images.captions) if not any(w in caption for w in words)]
+    keep = [i for i, caption in enumerate(captions_for(images, "data.exclude_text")) if not has_any(caption, words)]
     if not keep:
         raise MemsafeError(f"data.exclude_text {words} removes every training image")
     return images.subset(keep)
 
 
+def captions_for(images: ImageSet, option: str) -> list[str]:
+    if images.captions is None:
+        raise MemsafeError(f"{option} needs captions (metadata.jsonl 'text' fields)")
+    return images.captions
+
+
+def has_any(caption: str, words: list[str]) -> bool:
+    return any(word in caption for word in words)
+
+
 def thin_captions(images: ImageSet, shares: dict[str, float], spared: list[str], seed: int) -> ImageSet:
     """Keeps `shares[word]` (a seeded draw) of the images whose caption has `word` and none of `spared`:
     content made scarce outside the images that carry a concept."""
-    from memsafe.errors import MemsafeError
-
     if not shares:
         return images
-    if images.captions is None:
-        raise MemsafeError("data.thin_text needs captions (metadata.jsonl 'text' fields)")
+    captions = captions_for(images, "data.thin_text")
     generator = torch.Generator().manual_seed(seed)
     dropped: set[int] = set()
     for word, share in shares.items():
         if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0.0 <= share <= 1.0:
             raise MemsafeError(f"data.thin_text['{word}'] must be a share in [0, 1], got {share!r}")
-        candidates = [i for i, caption in enumerate(images.captions)
-                      if word in caption and not any(s in caption for s in spared)]
+        candidates = [i for i, caption in enumerate(captions) if word in caption and not has_any(caption, spared)]
         if not candidates:
             raise MemsafeError(f"data.thin_text: no training caption has '{word}' (without {spared})")
         order = torch.randperm(len(candidates), generator=generator).tolist()

@@ -109,9 +109,12 @@ def measure_concept(
         "extraction_rate": attack_hits.mean().item(),
         **{f"extraction_rate_{name}": rate.item() for name, rate in zip(attack.attack_templates, per_template)},
         "base_rate": neutral_hits.mean().item(),
-        "allowed_accuracy": correct.mean().item(),
-        **{f"allowed_accuracy_{INK_NAMES[ink]}": correct[want_ink.eq(ink)].mean().item() for ink in want_ink.unique().tolist()},
-        "allowed_shows_concept": allowed_hits.mean().item(),
-        **{f"allowed_shows_concept_{INK_NAMES[ink]}": allowed_hits[want_ink.eq(ink)].mean().item()
-           for ink in want_ink.unique().tolist()},
+        **mean_and_per_ink("allowed_accuracy", correct, want_ink),
+        **mean_and_per_ink("allowed_shows_concept", allowed_hits, want_ink),
     }
+
+
+def mean_and_per_ink(key: str, values: torch.Tensor, ink_of_each: torch.Tensor) -> dict[str, float]:
+    """{key: mean, key_<ink>: mean over the generations asked for that ink}."""
+    return {key: values.mean().item()} | {
+        f"{key}_{INK_NAMES[ink]}": values[ink_of_each.eq(ink)].mean().item() for ink in ink_of_each.unique().tolist()}
