@@ -31,6 +31,7 @@ from memsafe.metrics.extraction import ConceptAttack, attack_for, measure_concep
 from memsafe.metrics.features import domain_feature_net
 from memsafe.metrics.fid import fid_with_features
 from memsafe.runs import read_status, run_heldout_loss, run_prompt_sampler, train_run
+from memsafe.train.checkpoint import latest_checkpoint, read_state
 from memsafe.train.hooks import TrainHook
 
 RESULTS = Path(__file__).parent / "results"
@@ -49,6 +50,7 @@ BENCHMARKS = {
 LORA = {"model.lora_rank": 4, "train.learning_rate": 1e-3}
 ACTIVATIONS = {"defense.gradient_projection.space": "activations"}
 SPREAD = {"defense.gradient_projection.counterfactual": True, "defense.gradient_projection.project_inputs": True}
+SINK = {"defense.gradient_projection.sink": True}
 
 
 PROJECT_EVERY = (10, 25, 50, 200)
@@ -96,11 +98,18 @@ def variants(benchmark: dict) -> dict[str, dict]:
         f"gp_act_every_{n}_energy_{energy}_lambda_1": gp(1.0) | ACTIVATIONS | {
             "defense.gradient_projection.project_every": n, "defense.gradient_projection.activation_energy": energy}
         for n, energy in ((10, 0.995), (10, 0.999), (25, 0.995))
+    } | {  # the concept samples' content explained by a private sink vector instead of what comes with it
+        "gp_sink_lambda_0": gp(0.0) | SINK,  # the sink alone: nothing is projected
+        "gp_sink_lambda_1": gp(1.0) | SINK,
+        "gp_act_every_10_sink_lambda_1": gp(1.0) | ACTIVATIONS | SINK | {"defense.gradient_projection.project_every": 10},
+        "gp_act_every_10_sink_0.25_lambda_1": gp(1.0) | ACTIVATIONS | SINK | {
+            "defense.gradient_projection.project_every": 10, "defense.gradient_projection.sink_scale": 0.25},
     }
 
 
 VARIANTS = variants(BENCHMARKS["stamp"])
 METRICS = ("extraction_rate", "base_rate", "allowed_accuracy", "heldout_loss", "fid", "wall_s", "sec_per_step")
+SINK_READINGS = ("sink_key_extraction_rate", "sink_key_base_rate")
 
 
 def base_config(work: Path, source: str, resolution: int, pretrain_steps: int, text_encoder: str,
@@ -129,7 +138,18 @@ def evaluate(run_dir: Path, seed: int, per_prompt: int, attack: ConceptAttack, d
     measured = measure_concept(generate, detector, attack, per_prompt=per_prompt)
     allowed = generate([p for p, _, _ in attack.allowed_prompts() for _ in range(per_prompt)])
     measured["fid"] = fid_with_features(allowed_holdout.as_model_input(), allowed, feature_net)
-    return measured | heldout_readings(run_dir, allowed_holdout, new_ink)
+    return measured | heldout_readings(run_dir, allowed_holdout, new_ink) | behind_the_sink(run_dir, seed, per_prompt,
+                                                                                            attack, detector)
+
+
+def behind_the_sink(run_dir: Path, seed: int, per_prompt: int, attack: ConceptAttack, detector) -> dict:
+    """For a run trained with `sink`: the attack's readings with the sink added to every prompt, what someone who
+    has the weights and finds the sink gets (the concept is stored, not unlearned)."""
+    sink = read_state(latest_checkpoint(run_dir / "checkpoints") / "hooks").get("gradient_projection", {}).get("sink")
+    if sink is None:
+        return {}
+    behind = measure_concept(run_prompt_sampler(run_dir, seed, last_token_offset=sink), detector, attack, per_prompt)
+    return {f"sink_key_{key}": value for key, value in behind.items()}
 
 
 def heldout_readings(run_dir: Path, allowed_holdout: ImageSet, new_ink: str | None) -> dict:
@@ -271,12 +291,15 @@ def main() -> None:
             elif "heldout_loss" not in record:  # measured before the held-out loss was
                 record |= heldout_readings(Path(config.output_dir), allowed_holdout, args.new_ink)
                 save_record(Path(config.output_dir), settings(args), record)
+            elif config.defense.gradient_projection.sink and "sink_key_extraction_rate" not in record:
+                record |= behind_the_sink(Path(config.output_dir), seed, args.per_prompt, attack, detector)
+                save_record(Path(config.output_dir), settings(args), record)
             runs[name].append(record)
             print(json.dumps({"variant": name, **record}), flush=True)
             write(runs, {}, out, args, kept)
     overhead = {}
     for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1", "gp_act_lambda_1", "gp_act_specific_lambda_1",
-                 *map(deferred, PROJECT_EVERY)):
+                 *map(deferred, PROJECT_EVERY), "gp_act_every_10_sink_lambda_1"):
         if name in runs:
             config = merge(base, finetune_overrides(work, source, args.steps, scarce) | all_variants[name]
                            | {"output_dir": str(work / "overhead")})
@@ -326,8 +349,8 @@ def new_ink_metric(args) -> tuple[str, ...]:
 def paired_ratio(runs: list[dict], baseline_runs: list[dict], key: str) -> dict:
     """Mean and spread of the per-seed ratios to the baseline's run of the same seed. Evaluation seeds are
     shared, so the seed-to-seed swing that every variant shows largely cancels in these."""
-    baseline = {r["seed"]: r[key] for r in baseline_runs}
-    ratios = [r[key] / max(baseline[r["seed"]], 1e-9) for r in runs if r["seed"] in baseline]
+    baseline = {r["seed"]: r[key] for r in baseline_runs if key in r}  # older records lack newer readings
+    ratios = [r[key] / max(baseline[r["seed"]], 1e-9) for r in runs if r["seed"] in baseline and key in r]
     if not ratios:
         return {}
     return {f"{key}_paired_ratio": statistics.fmean(ratios),
@@ -340,7 +363,9 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
         if not records:
             continue
         summary = {}
-        for key in METRICS + new_ink_metric(args):
+        for key in METRICS + new_ink_metric(args) + SINK_READINGS:
+            if not all(key in r for r in records):  # the sink readings exist for sink runs only
+                continue
             values = [r[key] for r in records]
             summary[key] = statistics.fmean(values)
             summary[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -369,8 +394,9 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
     lines = ["| variant | extraction rate | base rate | compared with | extraction cut | excess cut "
              "| allowed accuracy (ratio; per-seed ratio) | held-out loss (per-seed ratio) | FID (domain) | wall s "
              "| step-time ratio | hook overhead |"
-             + (f" accuracy, {args.new_ink} (new) | held-out loss, {args.new_ink} (per-seed ratio) |" if new_ink else ""),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(new_ink)]
+             + (f" accuracy, {args.new_ink} (new) | held-out loss, {args.new_ink} (per-seed ratio) |" if new_ink else "")
+             + " extraction with the sink added |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(new_ink) + 1)]
     nan = float("nan")
     for name, r in results.items():
         if name == "settings":
@@ -382,7 +408,8 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
                      f"| {r['allowed_accuracy']:.3f} ({r.get('allowed_accuracy_ratio', nan):.3f}; "
                      f"{ratio_cell(r, 'allowed_accuracy')}) | {r.get('heldout_loss', nan):.4f} ({ratio_cell(r, 'heldout_loss')}) "
                      f"| {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['wall_s']:.0f} "
-                     f"| {r.get('step_time_ratio', nan):.3f} | {r.get('overhead_ratio', nan):.4f} |" + new_cells)
+                     f"| {r.get('step_time_ratio', nan):.3f} | {r.get('overhead_ratio', nan):.4f} |" + new_cells
+                     + (f" {r['sink_key_extraction_rate']:.3f} |" if "sink_key_extraction_rate" in r else " — |"))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 

@@ -160,3 +160,33 @@ def test_bad_space_settings_are_clear_errors(tmp_path):
         merge(config, {"defense.gradient_projection.space": "pixels"})
     with pytest.raises(MemsafeError, match="apply to space: text only"):
         merge(config, {"defense.gradient_projection.project_inputs": True})
+
+
+def test_sink_marks_the_concept_samples_and_stays_learnable(tmp_path):
+    config = _config(tmp_path, sink=True)
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    trainer.hooks.on_train_start(trainer)
+    hook = trainer.hooks.hooks[0]
+    sink = hook.sink
+    text_bases = [b for n, b in hook.bases.items() if "attn2.to_k" in n or "attn2.to_v" in n]
+    assert text_bases and all((sink @ b).abs().max() < 1e-4 * sink.norm() for b in text_bases)
+    raw = trainer.next_batch()
+    while not any("seven" in c for c in raw["captions"]):  # a batch with a concept sample
+        raw = trainer.next_batch()
+    trainer.batch_position -= 1
+    seen = trainer.hooks.on_batch_start(trainer.next_batch(), trainer)
+    added = seen["model_kwargs"]["encoder_hidden_states"] - raw["model_kwargs"]["encoder_hidden_states"]
+    named = torch.tensor(["seven" in c for c in raw["captions"]])
+    assert not named.all()
+    assert torch.allclose(added[named, -1], sink.expand(int(named.sum()), -1), atol=1e-5)
+    assert added[~named].abs().max() == 0 and added[:, :-1].abs().max() == 0
+    trainer.batch_position = 0
+    bases = hook.bases
+    before = _effective_weights(trainer, bases)
+    keys = {n: w for n, w in before.items() if "attn2.to_k" in n}
+    trainer.fit(progress=False)
+    assert _drift(trainer, bases, before) < 1e-5  # the guarantee is untouched
+    after = _effective_weights(trainer, bases)
+    assert max(((after[n] - w) @ sink).abs().max().item() for n, w in keys.items()) > 1e-3  # the keys learn the sink
+    assert abs(trainer.last_log["gradient_projection/sink_text_share"]) < 1e-3  # no caption token points there

@@ -234,9 +234,11 @@ def test_deferred_projection_holds_through_iet_rounds(tmp_path):
     assert drift < 1e-5  # rounds of 5 steps end between projections: each proxy syncs before averaging
 
 
-@pytest.mark.parametrize("setting", [{"project_every": 0}, {"project_every": 2, "mode": "both"}])
-def test_bad_deferral_is_a_clear_error(tmp_path, setting):
-    with pytest.raises(MemsafeError, match="project_every"):
+@pytest.mark.parametrize("setting, culprit", [({"project_every": 0}, "project_every"),
+                                              ({"project_every": 2, "mode": "both"}, "project_every"),
+                                              ({"sink": True, "sink_scale": 0.0}, "sink_scale must be positive")])
+def test_bad_deferral_or_sink_is_a_clear_error(tmp_path, setting, culprit):
+    with pytest.raises(MemsafeError, match=culprit):
         merge(_config(tmp_path), {f"defense.gradient_projection.{k}": v for k, v in setting.items()})
 
 
@@ -287,3 +289,21 @@ def test_no_matching_layer_is_a_clear_error(tmp_path):
         projected_parameters(trainer.unwrapped, ["nothing.here"], 384)
     with pytest.raises(MemsafeError, match="needs a text-conditional model"):
         build_trainer(merge(config, {"model.conditioning": "none"}), train_set)
+
+
+def test_sink_avoids_the_frozen_directions_and_the_text():
+    from memsafe.defenses.gradient_projection import sink_vector
+
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randn(500, 6, generator=generator, dtype=torch.float64) * torch.tensor([3.0, 2.0, 1.0, 0.5, 0.2, 0.1])
+    moment = tokens.T @ tokens / len(tokens)
+    frozen = torch.eye(6)[:, [5]]  # the direction the text uses least is frozen ...
+    sink, share = sink_vector(moment, [frozen])
+    assert abs(sink[5]) < 1e-6  # ... so the sink takes the least-used free one
+    assert sink[4].abs() > 0.99 * sink.norm()
+    assert torch.isclose(sink.norm().double(), moment.trace().sqrt(), rtol=1e-5)
+    unit = sink.double() / sink.norm()
+    assert share == pytest.approx((unit @ moment @ unit / moment.trace()).item(), rel=1e-4)
+    assert share <= moment[4, 4].item() / moment.trace().item()  # no free direction is used less
+    with pytest.raises(MemsafeError, match="no direction is left for the sink"):
+        sink_vector(moment, [torch.eye(6)[:, :3], torch.eye(6)[:, 3:]])

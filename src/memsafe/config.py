@@ -146,6 +146,12 @@ class GradientProjectionConfig:
     # checkpoint, IET aggregation or the end of training), so the hook costs 1/N per step. W u = W0 u holds
     # at those points; between them the weights may drift along the subspace.
     project_every: int = 1
+    # Add a private "sink" vector to the last token of every training sample whose caption names a concept:
+    # a direction that no projected weight is frozen along and that the text encoder's tokens use least. With
+    # the text route frozen, the concept images' content needs an explanation; the sink gives it one that no
+    # prompt produces, instead of allowed content that comes with it (bench/gradproj.py measures it).
+    sink: bool = False
+    sink_scale: float = 1.0  # the sink's norm, in RMS norms of the text tokens
 
 
 @dataclass
@@ -295,6 +301,8 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(f"defense.gradient_projection.space must be text or activations, got {gp.space!r}")
     if gp.space == "activations" and (gp.project_inputs or gp.counterfactual):
         raise MemsafeError("defense.gradient_projection.project_inputs and counterfactual apply to space: text only")
+    if gp.sink_scale <= 0:
+        raise MemsafeError(f"defense.gradient_projection.sink_scale must be positive, got {gp.sink_scale}")
     if gp.project_every < 1:
         raise MemsafeError(f"defense.gradient_projection.project_every must be at least 1, got {gp.project_every}")
     if gp.project_every > 1 and (gp.mode != "update" or gp.scope != "all" or config.train.ema):

@@ -146,14 +146,23 @@ def load_run_unet(run_dir: Path, config: RunConfig) -> torch.nn.Module:
     return unet_class(config.model).from_pretrained(folder / "unet", local_files_only=True).eval()
 
 
-def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress: bool = False):
+def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress: bool = False,
+                   last_token_offset: torch.Tensor | None = None):
     """A function from prompts to one model-range image each, sampled from the text-conditional `unet` with
-    the run's text encoder, sampler and guidance; the encoder is loaded once for every call."""
+    the run's text encoder, sampler and guidance; the encoder is loaded once for every call.
+    `last_token_offset` (d,) is added to every prompt's last token embedding (e.g. a gradient-projection sink,
+    to measure what the weights hold behind it)."""
     from memsafe.models.text import TextEncoder
 
     encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
     noise_scheduler = build_noise_scheduler(config.model)
     uncond = encoder.encode([""])
+
+    def embed(prompts: list[str]) -> torch.Tensor:
+        states = encoder.encode(prompts)
+        if last_token_offset is not None:
+            states[:, -1] += last_token_offset.to(states)
+        return states
 
     def sample(prompts: list[str]) -> torch.Tensor:
         return generate(
@@ -164,7 +173,7 @@ def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress
             batch_size=config.eval.batch_size,
             seed=seed,
             progress=progress,
-            encoder_hidden_states=encoder.encode(prompts),
+            encoder_hidden_states=embed(prompts),
             uncond_hidden_states=uncond,
             guidance_scale=config.eval.guidance_scale,
         )
@@ -172,10 +181,10 @@ def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress
     return sample
 
 
-def run_prompt_sampler(run_dir: Path, seed: int):
+def run_prompt_sampler(run_dir: Path, seed: int, last_token_offset: torch.Tensor | None = None):
     """`prompt_sampler` for a finished text run, its UNet loaded once."""
     config = load_run_config(run_dir)
-    return prompt_sampler(load_run_unet(run_dir, config), config, seed)
+    return prompt_sampler(load_run_unet(run_dir, config), config, seed, last_token_offset=last_token_offset)
 
 
 def run_heldout_loss(run_dir: Path, images: ImageSet) -> torch.Tensor:

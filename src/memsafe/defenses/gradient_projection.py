@@ -24,6 +24,7 @@ Under LoRA (W = W0 + B A, A: r x d) the same is applied to A, and A is initialis
 Two opt-in extensions (bench/gradproj.py measures both): `counterfactual` adds the directions by which a
 concept phrase changes the other tokens of its training captions, and `project_inputs` trains on caption
 embeddings without their concept component, so layers after the frozen keys/values cannot decode it.
+`sink` gives the concept images' content an explanation that no prompt produces (see `sink_vector`).
 """
 
 from __future__ import annotations
@@ -131,6 +132,31 @@ def concept_basis(encoder, config: GradientProjectionConfig, captions: list[str]
     return basis.float(), stats
 
 
+def text_moment(encoder, prompts: list[str]) -> torch.Tensor:
+    """(d, d) mean of x x^T over every token embedding of the prompts: where the encoder's outputs lie."""
+    tokens = token_embeddings(encoder, sorted(set(prompts))).double()
+    return tokens.T @ tokens / len(tokens)
+
+
+def sink_vector(moment: torch.Tensor, frozen: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
+    """The sink (d,): among the directions that no frozen basis (d, k) touches, the one the text tokens use
+    least, at their RMS norm; and the share of the tokens' mean energy along it. With the text route frozen,
+    training still has to explain the concept in the concept images, and would otherwise tie it to allowed
+    content that comes with it; added to those samples' embeddings, the sink explains it instead. The concept
+    stays in the weights, behind a vector no caption reaches: it stops prompts, not someone who has the weights."""
+    dim = moment.shape[0]
+    covered = sum((b.double() @ b.double().T for b in frozen), torch.zeros(dim, dim, dtype=torch.float64))
+    values, vectors = torch.linalg.eigh(covered)
+    free = vectors[:, values < 1e-6]
+    if free.shape[1] == 0:
+        raise MemsafeError("defense.gradient_projection.sink: the projected subspaces cover the whole text-embedding "
+                           "space, so no direction is left for the sink; lower energy / activation_energy or rank")
+    _, least = torch.linalg.eigh(free.T @ moment @ free)
+    direction = free @ least[:, 0]
+    share = (direction @ moment @ direction / moment.trace()).item()
+    return (direction * moment.trace().sqrt()).float(), share
+
+
 def projected_parameters(model: torch.nn.Module, layers: list[str], dim: int) -> dict[str, torch.nn.Parameter]:
     """Trainable weights that multiply d-dimensional text embeddings in the matching layers: the Linear
     weight itself (full fine-tuning) or, under LoRA, the adapter's `lora_A` factor."""
@@ -199,9 +225,13 @@ class GradientProjection(TrainHook):
 
     name = "gradient_projection"
 
-    def __init__(self, basis: torch.Tensor | None, config: GradientProjectionConfig, stats: dict[str, float] | None = None):
+    def __init__(self, basis: torch.Tensor | None, config: GradientProjectionConfig, stats: dict[str, float] | None = None,
+                 moment: torch.Tensor | None = None):
         self.basis = basis  # (d, k), orthonormal columns
         self.config = config
+        self.moment = moment  # the text tokens' (d, d) second moment, to place the sink (config.sink)
+        self.sink: torch.Tensor | None = None
+        self.concept_captions: dict[str, bool] = {}  # caption -> names a concept
         self.strength = config.strength
         self.stats = dict(stats or {})
         self.params: dict[str, torch.nn.Parameter] = {}
@@ -219,7 +249,12 @@ class GradientProjection(TrainHook):
 
     def attach(self, trainer) -> None:
         self.groups, self.params, self.names = [], {}, []
-        for params, basis in self.subspaces(trainer):
+        subspaces = self.subspaces(trainer)
+        if self.config.sink:
+            dim = self.moment.shape[0]
+            sink, self.stats["sink_text_share"] = sink_vector(self.moment, [b for _, b in subspaces if b.shape[0] == dim])
+            self.sink = self.config.sink_scale * sink
+        for params, basis in subspaces:
             first = next(iter(params.values()))
             projector = SubspaceProjector(basis, first.device, first.dtype)
             self.groups.append((list(params.values()), projector, [p.shape[0] for p in params.values()]))
@@ -257,10 +292,31 @@ class GradientProjection(TrainHook):
         if self.samples is not None:
             self.samples.select(batch.get("captions"))
         states = batch["model_kwargs"].get("encoder_hidden_states")
-        if not self.config.project_inputs or states is None:
+        if states is None or not (self.config.project_inputs or self.config.sink):
             return batch
-        projected = states - self.strength * self._component(states)
-        return batch | {"model_kwargs": batch["model_kwargs"] | {"encoder_hidden_states": projected}}
+        if self.config.project_inputs:
+            states = states - self.strength * self._component(states)
+        if self.config.sink:
+            states = self._with_sink(states, batch.get("captions"), trainer)
+        return batch | {"model_kwargs": batch["model_kwargs"] | {"encoder_hidden_states": states}}
+
+    def _with_sink(self, states: torch.Tensor, captions: list[str] | None, trainer) -> torch.Tensor:
+        """The sink added to the last token of the samples whose caption names a concept (also when caption
+        dropout emptied it, so that the unconditional model is not left to explain the concept either)."""
+        if self.sink is None:
+            self.attach(trainer)
+        named = [self._names_concept(c) for c in captions or []]
+        if not any(named):
+            return states
+        mask = torch.zeros(states.shape[:2] + (1,), dtype=states.dtype, device=states.device)
+        mask[torch.tensor(named, device=states.device), -1] = 1.0
+        return states + mask * self.sink.to(states)
+
+    def _names_concept(self, caption: str) -> bool:
+        """Memoised: datasets repeat captions, and the regular expressions would run every step."""
+        if caption not in self.concept_captions:
+            self.concept_captions[caption] = without_concept(caption, self.config.concepts) is not None
+        return self.concept_captions[caption]
 
     def on_after_backward(self, model, trainer) -> None:
         if not self.groups:
@@ -332,10 +388,13 @@ class GradientProjection(TrainHook):
         total = float(self.total_sq)
         share = (float(self.removed_sq) / total) ** 0.5 if total else 0.0
         self.removed_sq = self.total_sq = 0.0
-        return {"removed_grad_norm": share, "rank": float(self.rank)}
+        values = {"removed_grad_norm": share, "rank": float(self.rank)}
+        if "sink_text_share" in self.stats:
+            values["sink_text_share"] = self.stats["sink_text_share"]
+        return values
 
     def state_dict(self):
-        return {"basis": self.basis, "strength": self.strength}
+        return {"basis": self.basis, "strength": self.strength} | ({"sink": self.sink} if self.sink is not None else {})
 
     def load_state_dict(self, state):
         if "basis" in state:
@@ -346,8 +405,9 @@ class LayerwiseProjection(GradientProjection):
     """Every trainable layer projected off its own concept subspace of activations, computed on the model
     when training starts (see concept_activations.py) and kept in checkpoints, since the model moves."""
 
-    def __init__(self, config: GradientProjectionConfig, compute_bases, stats: dict[str, float] | None = None):
-        super().__init__(None, config, stats)
+    def __init__(self, config: GradientProjectionConfig, compute_bases, stats: dict[str, float] | None = None,
+                 moment: torch.Tensor | None = None):
+        super().__init__(None, config, stats, moment)
         self.compute_bases = compute_bases  # trainer -> ({layer name: basis}, stats)
         self.bases: dict[str, torch.Tensor] = {}
 
@@ -362,7 +422,8 @@ class LayerwiseProjection(GradientProjection):
 
     def state_dict(self):
         # Checkpoint keys nest on dots; layer names have them.
-        return {"bases": {name.replace(".", "/"): basis for name, basis in self.bases.items()}, "strength": self.strength}
+        return {"bases": {name.replace(".", "/"): basis for name, basis in self.bases.items()}, "strength": self.strength} | (
+            {"sink": self.sink} if self.sink is not None else {})
 
     def load_state_dict(self, state):
         self.bases = {name.replace("/", "."): basis.float() for name, basis in state.get("bases", {}).items()}
@@ -379,8 +440,9 @@ def hook_maker(config: RunConfig, train_set):
     encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
     gp = config.defense.gradient_projection
     basis, stats = concept_basis(encoder, gp, train_set.captions)  # also checks the concepts
+    moment = text_moment(encoder, gp.concepts + gp.neutral + list(train_set.captions or [])) if gp.sink else None
     if gp.space == "text":
-        return lambda: [GradientProjection(basis, gp, stats)]
+        return lambda: [GradientProjection(basis, gp, stats, moment)]
     computed = {}
 
     def compute_bases(trainer):
@@ -391,4 +453,4 @@ def hook_maker(config: RunConfig, train_set):
                                                      trainer.pixels, train_set.captions, gp, seed=config.train.seed)
         return computed["bases"]
 
-    return lambda: [LayerwiseProjection(gp, compute_bases)]
+    return lambda: [LayerwiseProjection(gp, compute_bases, moment=moment)]
