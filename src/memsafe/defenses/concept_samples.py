@@ -14,11 +14,7 @@ from __future__ import annotations
 import torch
 
 from memsafe.defenses.concept_activations import input_rows, output_rows
-from memsafe.defenses.gradient_projection import without_concept
-
-
-def names_concept(caption: str | None, concepts: list[str]) -> bool:
-    return caption is not None and without_concept(caption, concepts) is not None
+from memsafe.defenses.gradient_projection import concept_mask
 
 
 class ConceptSampleGradients:
@@ -32,8 +28,7 @@ class ConceptSampleGradients:
 
     def select(self, captions: list[str] | None) -> None:
         """The micro-batch's captions: the next forward collects the rows of those naming a concept."""
-        self.mask = None if captions is None else torch.tensor(
-            [names_concept(c, self.concepts) for c in captions], dtype=torch.bool)
+        self.mask = None if captions is None else concept_mask(captions, self.concepts)
 
     def _collector(self, name: str):
         def collect(module, args, output):

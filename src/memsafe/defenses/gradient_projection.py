@@ -29,6 +29,7 @@ embeddings without their concept component, so layers after the frozen keys/valu
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -64,6 +65,21 @@ def without_concept(caption: str, phrases: list[str]) -> str | None:
         if phrase.strip() and re.search(pattern, caption, flags=re.IGNORECASE):
             return " ".join(re.sub(pattern, " ", caption, count=1, flags=re.IGNORECASE).split())
     return None
+
+
+def names_concept(caption: str | None, concepts: list[str]) -> bool:
+    return caption is not None and _names_concept(caption, tuple(concepts))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _names_concept(caption: str, concepts: tuple[str, ...]) -> bool:
+    # Memoised: hooks ask this of every caption of every step, and datasets repeat captions.
+    return without_concept(caption, list(concepts)) is not None
+
+
+def concept_mask(captions: list[str], concepts: list[str]) -> torch.Tensor:
+    """(len(captions),) bool: which captions name a concept."""
+    return torch.tensor([names_concept(c, concepts) for c in captions], dtype=torch.bool)
 
 
 def allowed_captions(captions: list[str] | None, phrases: list[str], limit: int = 512) -> list[str]:
@@ -231,7 +247,6 @@ class GradientProjection(TrainHook):
         self.config = config
         self.moment = moment  # the text tokens' (d, d) second moment, to place the sink (config.sink)
         self.sink: torch.Tensor | None = None
-        self.concept_captions: dict[str, bool] = {}  # caption -> names a concept
         self.strength = config.strength
         self.stats = dict(stats or {})
         self.params: dict[str, torch.nn.Parameter] = {}
@@ -305,18 +320,12 @@ class GradientProjection(TrainHook):
         dropout emptied it, so that the unconditional model is not left to explain the concept either)."""
         if self.sink is None:
             self.attach(trainer)
-        named = [self._names_concept(c) for c in captions or []]
-        if not any(named):
+        named = concept_mask(captions or [], self.config.concepts)
+        if not named.any():
             return states
         mask = torch.zeros(states.shape[:2] + (1,), dtype=states.dtype, device=states.device)
-        mask[torch.tensor(named, device=states.device), -1] = 1.0
+        mask[named.to(states.device), -1] = 1.0
         return states + mask * self.sink.to(states)
-
-    def _names_concept(self, caption: str) -> bool:
-        """Memoised: datasets repeat captions, and the regular expressions would run every step."""
-        if caption not in self.concept_captions:
-            self.concept_captions[caption] = without_concept(caption, self.config.concepts) is not None
-        return self.concept_captions[caption]
 
     def on_after_backward(self, model, trainer) -> None:
         if not self.groups:
@@ -394,7 +403,11 @@ class GradientProjection(TrainHook):
         return values
 
     def state_dict(self):
-        return {"basis": self.basis, "strength": self.strength} | ({"sink": self.sink} if self.sink is not None else {})
+        return {"basis": self.basis, "strength": self.strength} | self._sink_state()
+
+    def _sink_state(self) -> dict[str, torch.Tensor]:
+        """The sink as applied, for readers of a checkpoint (a resumed hook computes it again from its bases)."""
+        return {"sink": self.sink} if self.sink is not None else {}
 
     def load_state_dict(self, state):
         if "basis" in state:
@@ -422,8 +435,8 @@ class LayerwiseProjection(GradientProjection):
 
     def state_dict(self):
         # Checkpoint keys nest on dots; layer names have them.
-        return {"bases": {name.replace(".", "/"): basis for name, basis in self.bases.items()}, "strength": self.strength} | (
-            {"sink": self.sink} if self.sink is not None else {})
+        bases = {name.replace(".", "/"): basis for name, basis in self.bases.items()}
+        return {"bases": bases, "strength": self.strength} | self._sink_state()
 
     def load_state_dict(self, state):
         self.bases = {name.replace("/", "."): basis.float() for name, basis in state.get("bases", {}).items()}
