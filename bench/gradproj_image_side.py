@@ -31,8 +31,8 @@ from memsafe.models.text import TextEncoder
 from memsafe.models.unet import build_noise_scheduler
 from memsafe.runs import load_run_config, load_run_unet
 from memsafe.train.loss import draw_noise
+from results_io import RESULTS, write_results
 
-RESULTS = Path(__file__).parent / "results"
 ENERGIES = (0.5, 0.9, 0.99)
 
 
@@ -110,15 +110,13 @@ def summary(layers: dict[str, dict]) -> dict[str, float]:
 
 def write(layers: dict[str, dict], out: Path, settings: dict) -> None:
     results = {"settings": settings, "median": summary(layers), "layers": layers}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
     head = " | ".join(f"{e:.0%} of the stamp's change: dims, allowed energy" for e in ENERGIES)
     lines = [f"| layer | fan-in | {head} | unpaired excess |", "|---|---|" + "---|" * (len(ENERGIES) + 1)]
     rows = {"median over layers": {"fan_in": "", **results["median"]}} | layers
     for name, layer in rows.items():
         cells = " | ".join(f"{layer[f'dims_{e}']:.1%}, {layer[f'allowed_{e}']:.1%}" for e in ENERGIES)
         lines.append(f"| {name} | {layer['fan_in']} | {cells} | {layer['unpaired_excess']:.2f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, results, lines, echo=False)
 
 
 def main() -> None:

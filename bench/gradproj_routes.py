@@ -11,7 +11,6 @@ Usage: python bench/gradproj_routes.py [RUN_DIR ...]
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -20,8 +19,8 @@ from memsafe.data.digits import DIGIT_NAMES
 from memsafe.data.ink_digits import INK_NAMES
 from memsafe.metrics.attributes import ink_digit_detector
 from memsafe.runs import load_run_config, run_prompt_sampler
+from results_io import RESULTS, write_results
 
-RESULTS = Path(__file__).parent / "results"
 INK_PHRASES = {"red": " in red ink", "blue": " in blue ink", "green": " in green ink", "purple (unseen)": " in purple ink",
                "'ink' alone": " in ink", "no ink": ""}
 
@@ -46,14 +45,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "gradproj_routes.json"))
     args = parser.parse_args()
     results = {Path(r).name: ink_shares(Path(r), args.per_digit) for r in args.runs}
-    out = Path(args.out)
-    out.write_text(json.dumps(results, indent=2) + "\n")
     lines = ["| run | " + " | ".join(f"red share, prompt: {p}" for p in INK_PHRASES) + " |",
              "|---|" + "---|" * len(INK_PHRASES)]
     for run, shares in results.items():
         lines.append(f"| {run} | " + " | ".join(f"{shares[p]['red']:.2f}" for p in INK_PHRASES) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(Path(args.out), results, lines)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ bench/results/gradproj_storage.json and .md. Usage: python bench/gradproj_storag
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from memsafe.metrics.attributes import ink_digit_detector
 from memsafe.metrics.extraction import attack_for, measure_concept
 from memsafe.runs import load_run_config, load_run_unet, prompt_sampler
+from results_io import RESULTS, write_results
 
-RESULTS = Path(__file__).parent / "results"
 GROUPS = {
     "text K/V (attn2.to_k, to_v)": lambda n: "attn2.to_k" in n or "attn2.to_v" in n,
     "queries (attn2.to_q)": lambda n: "attn2.to_q" in n,
@@ -67,8 +66,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "gradproj_storage.json"))
     args = parser.parse_args()
     results = {Path(r).name: take_apart(Path(r), args.per_prompt) for r in args.runs}
-    out = Path(args.out)
-    out.write_text(json.dumps(results, indent=2) + "\n")
     runs = list(results)
     heads = " | ".join(f"{r}: extraction / base rate / allowed accuracy" for r in runs)
     lines = [f"| UNet parameters fine-tuned | {heads} |", "|---|" + "---|" * len(runs)]
@@ -76,8 +73,7 @@ def main() -> None:
         cells = [results[r][row] for r in runs]
         lines.append(f"| {row} | " + " | ".join(
             f"{c['extraction_rate']:.2f} / {c['base_rate']:.2f} / {c['allowed_accuracy']:.2f}" for c in cells) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(Path(args.out), results, lines)
 
 
 if __name__ == "__main__":
