@@ -102,6 +102,8 @@ def variants(benchmark: dict) -> dict[str, dict]:
         "gp_sink_lambda_0": gp(0.0) | SINK,  # the sink alone: nothing is projected
         "gp_sink_lambda_1": gp(1.0) | SINK,
         "gp_act_every_10_sink_lambda_1": gp(1.0) | ACTIVATIONS | SINK | {"defense.gradient_projection.project_every": 10},
+        "gp_lora_act_every_10_sink_lambda_1": gp(1.0) | ACTIVATIONS | SINK | LORA | {
+            "defense.gradient_projection.project_every": 10},
         "gp_act_every_10_sink_0.25_lambda_1": gp(1.0) | ACTIVATIONS | SINK | {
             "defense.gradient_projection.project_every": 10, "defense.gradient_projection.sink_scale": 0.25},
         # ... with each layer's basis holding less of the concept's input change, so that more is left to learn
@@ -303,7 +305,8 @@ def main() -> None:
             write(runs, {}, out, args, kept)
     overhead = {}
     for name in ("gp_lambda_1", "gp_block_lambda_1", "gp_lora_lambda_1", "gp_act_lambda_1", "gp_act_specific_lambda_1",
-                 *map(deferred, PROJECT_EVERY), "gp_act_every_10_sink_lambda_1"):
+                 *map(deferred, PROJECT_EVERY), "gp_act_every_10_sink_lambda_1",
+                 "gp_lora_act_every_10_sink_lambda_1"):
         if name in runs:
             config = merge(base, finetune_overrides(work, source, args.steps, scarce) | all_variants[name]
                            | {"output_dir": str(work / "overhead")})
