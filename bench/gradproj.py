@@ -109,7 +109,7 @@ def variants(benchmark: dict) -> dict[str, dict]:
         # ... with each layer's basis holding less of the concept's input change, so that more is left to learn
         **{f"gp_act_every_10_energy_{energy}_sink_lambda_1": gp(1.0) | ACTIVATIONS | SINK | {
             "defense.gradient_projection.project_every": 10, "defense.gradient_projection.activation_energy": energy}
-           for energy in (0.9, 0.95, 0.97)},
+           for energy in (0.9, 0.95, 0.96, 0.97)},
     }
 
 
