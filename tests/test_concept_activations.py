@@ -190,3 +190,15 @@ def test_sink_marks_the_concept_samples_and_stays_learnable(tmp_path):
     after = _effective_weights(trainer, bases)
     assert max(((after[n] - w) @ sink).abs().max().item() for n, w in keys.items()) > 1e-3  # the keys learn the sink
     assert abs(trainer.last_log["gradient_projection/sink_text_share"]) < 1e-3  # no caption token points there
+
+
+@pytest.mark.parametrize("lora", [None, 4])
+def test_recommended_settings_keep_the_guarantee_and_learn_the_sink(tmp_path, lora):
+    """The README's recommended settings (activation space, project_every: 10, sink), full and LoRA: after
+    25 AdamW steps (projections at steps 10 and 20 and when training ends) no layer has moved along its
+    frozen directions, while the cross-attention keys have learnt the sink."""
+    trainer, bases, before, _ = _trained(_config(tmp_path, lora=lora, project_every=10, sink=True))
+    assert _drift(trainer, bases, before) < 1e-5
+    after, sink = _effective_weights(trainer, bases), trainer.hooks.hooks[0].sink
+    keys = [n for n in bases if "attn2.to_k" in n]
+    assert keys and max(((after[n] - before[n]) @ sink).abs().max().item() for n in keys) > 1e-3
