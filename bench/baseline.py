@@ -20,8 +20,8 @@ import torch
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
+from results_io import RESULTS
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def peak_rss_mb() -> float:

@@ -33,8 +33,8 @@ from memsafe.metrics.fid import fid_with_features
 from memsafe.runs import read_status, run_heldout_loss, run_prompt_sampler, train_run
 from memsafe.train.checkpoint import latest_checkpoint, read_state
 from memsafe.train.hooks import TrainHook
+from results_io import RESULTS, write_results
 
-RESULTS = Path(__file__).parent / "results"
 RECORD = "bench_record.json"  # a finished run's measurements, in its run directory
 
 # Per concept: the data set, the prompts the defender names it by, and the word that filtering drops.
@@ -395,8 +395,6 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
         results[name]["overhead"] = measured
         results[name]["overhead_ratio"] = measured["overhead_ratio"]
     results["settings"] = settings(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
     new_ink = new_ink_metric(args)
     lines = ["| variant | extraction rate | base rate | compared with | extraction cut | excess cut "
              "| allowed accuracy (ratio; per-seed ratio) | held-out loss (per-seed ratio) | FID (domain) | wall s "
@@ -417,7 +415,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
                      f"| {r['fid']:.3f} ± {r['fid_std']:.3f} | {r['wall_s']:.0f} "
                      f"| {r.get('step_time_ratio', nan):.3f} | {r.get('overhead_ratio', nan):.4f} |" + new_cells
                      + (f" {r['sink_key_extraction_rate']:.3f} |" if "sink_key_extraction_rate" in r else " — |"))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_results(out, results, lines, echo=False)
 
 
 def ratio_cell(summary: dict, key: str) -> str:

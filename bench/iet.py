@@ -18,8 +18,8 @@ from pathlib import Path
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
+from results_io import RESULTS
 
-RESULTS = Path(__file__).parent / "results"
 IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
 VARIANTS = {
     "plain": {"defense.name": "none"},

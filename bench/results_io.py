@@ -1,4 +1,4 @@
-"""Where the analysis benchmarks write, and how: a JSON file and a markdown table beside it."""
+"""Where the benchmarks write, and how: a JSON file and a markdown table beside it."""
 
 from __future__ import annotations
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
-
-RESULTS = Path(__file__).parent / "results"
+from results_io import RESULTS
 
 
 def throughput(processes: int, steps: int, work: Path) -> float:
