@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -38,10 +39,20 @@ def test_train_evaluate_generate_end_to_end(tmp_path, capsys):
     assert 0.0 <= metrics["memorized_fraction"] <= 1.0
     assert metrics["num_samples"] == 32 and metrics["fid_reference"] == "holdout"
     assert Image.open(run / "nearest.png").size[0] > 100
-    assert "memorized (NN ratio < 1/3)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "memorized (NN ratio < 1/3)" in out
+    # Memorization and quality in one line, the copy threshold with its scale.
+    line = next(line for line in out.splitlines() if line.startswith("memorized "))
+    assert "FID" in line and f"cosine > {metrics['copy_threshold_cosine']:.3f}" in line
+    # The measured samples are kept, with the seed they were drawn with.
+    assert len(list((run / "samples").glob("*.png"))) == 32
+    kept = np.load(run / "samples.npz")
+    assert kept["images"].shape == (32, 8, 8, 1) and int(kept["seed"]) == metrics["eval_seed"] == 1234
+    assert np.array_equal(kept["images"][3][:, :, 0], np.asarray(Image.open(run / "samples" / "00003.png")))
 
     assert main(["generate", str(run), "--num", "5", "--out", str(tmp_path / "gen"), "--no-progress"]) == 0
-    assert len(list((tmp_path / "gen").glob("0*.png"))) == 5
+    assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    assert (tmp_path / "gen-grid.png").is_file() and (tmp_path / "gen.npz").is_file()
 
 
 def test_train_resumes_from_the_latest_checkpoint(tmp_path):
@@ -105,3 +116,22 @@ def test_concept_demo_trains_with_projection_and_runs_the_attack(tmp_path, capsy
     removed = [json.loads(line).get("gradient_projection/removed_grad_norm") for line in (run / "log.jsonl").open()]
     assert all(r is not None and 0.0 < r < 1.0 for r in removed)  # the hook acted on every logged stretch
     assert (run / "removed.png").is_file()
+
+
+def test_a_defended_run_that_learned_nothing_is_flagged_beside_its_undefended_sibling(tmp_path, capsys):
+    parent = tmp_path / "runs"
+    for name, defense, lr in (("plain", {}, 1e-3), ("stalled", {"name": "iet_agc", "iet_agc": {"shards": 2}}, 1e-9)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tiny_config_dict(parent / name, defense=defense,
+                                                        train={"max_steps": 300, "learning_rate": lr, "checkpoint_every": 300})))
+        assert main(["train", "--config", str(path), "--no-progress"]) == 0
+        assert main(["evaluate", str(parent / name), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    plain = json.loads((parent / "plain" / "metrics.json").read_text())
+    stalled = json.loads((parent / "stalled" / "metrics.json").read_text())
+    assert "quality_warning" not in plain and stalled["undefended_runs"] == ["plain"]
+    assert stalled["fid_vs_undefended"] == pytest.approx(stalled["fid"] / plain["fid"])
+    assert stalled["fid_vs_undefended"] >= 3
+    assert "the model did not learn" in stalled["quality_warning"]
+    assert f"WARNING: {stalled['quality_warning']}" in out
+    assert "the model did not learn" in (parent / "stalled" / "report.md").read_text()

@@ -32,7 +32,7 @@ def _config(tmp_path, strength=1.0, mode="update", lora=None, steps=25, name="gr
         model={"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True],
                "max_text_length": 8, "lora_rank": lora},
         train={"max_steps": steps, "weight_decay": 0.1, "warmup_steps": 0, "learning_rate": 2e-3, **train},
-        defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "lambda": strength, "mode": mode}},
+        defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "strength": strength, "mode": mode}},
     )
     return config_from_dict(values)
 

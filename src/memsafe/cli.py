@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from memsafe.errors import MemsafeError
+from memsafe.progress import close_all_bars
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -45,31 +46,43 @@ def cmd_train(args) -> None:
     print(f"trained: {run_dir}")
 
 
+def print_reading(metrics: dict) -> None:
+    """Memorization and quality in one line, then the quality warning and concept readings when there are any."""
+    from memsafe.report.table import reading
+
+    print(reading(metrics))
+    if "quality_warning" in metrics:
+        print(f"WARNING: {metrics['quality_warning']}")
+    if "extraction_rate" in metrics:
+        print(
+            f"extraction attack: {metrics['extraction_rate']:.1%} of generations prompted for the concept show it; "
+            f"{metrics['base_rate']:.1%} of those for prompts naming none do (base rate); "
+            f"{metrics['allowed_accuracy']:.1%} of allowed prompts get the digit and ink they ask for."
+        )
+
+
 def cmd_evaluate(args) -> None:
     from memsafe.report.table import metrics_table
     from memsafe.runs import evaluate_run
 
-    evaluation = evaluate_run(Path(args.run_dir), progress=not args.no_progress)
-    print(metrics_table({Path(args.run_dir).name: evaluation.metrics}))
-    print(f"wrote {Path(args.run_dir) / 'report.md'} (and report.html, metrics.json, figures)")
+    run_dir = Path(args.run_dir)
+    evaluation = evaluate_run(run_dir, progress=not args.no_progress)
+    print(metrics_table({run_dir.name: evaluation.metrics}))
+    print_reading(evaluation.metrics)
+    print(f"wrote {run_dir / 'report.md'} (and report.html, metrics.json, samples/, samples.npz, figures)")
 
 
 def cmd_generate(args) -> None:
-    from memsafe.data.images import to_uint8
     from memsafe.report.figures import save_image_grid
-    from memsafe.runs import sample_run
+    from memsafe.runs import sample_run, write_samples
 
     run_dir = Path(args.run_dir)
-    samples = sample_run(run_dir, args.num, args.seed, prompts=args.prompt, progress=not args.no_progress)
+    samples, prompts = sample_run(run_dir, args.num, args.seed, prompts=args.prompt, progress=not args.no_progress)
     out = Path(args.out) if args.out else run_dir / "generated"
-    out.mkdir(parents=True, exist_ok=True)
-    from PIL import Image
-
-    for i, image in enumerate(to_uint8(samples)):
-        array = image.permute(1, 2, 0).numpy()
-        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(out / f"{i:05d}.png")
-    save_image_grid(samples[:64], out / "grid.png")
-    print(f"wrote {len(samples)} images to {out}")
+    archive = write_samples(samples, out, args.seed, prompts)
+    grid = out.with_name(f"{out.name}-grid.png")
+    save_image_grid(samples[:64], grid)
+    print(f"wrote {len(samples)} images to {out}, with {archive.name} and {grid.name} beside it")
 
 
 def cmd_demo(args) -> None:
@@ -90,21 +103,10 @@ def cmd_demo(args) -> None:
     )
     run_dir = train_run(config, progress=not args.no_progress)
     evaluation = evaluate_run(run_dir, progress=not args.no_progress)
-    m = evaluation.metrics
     print()
-    print(metrics_table({args.defense: m}))
+    print(metrics_table({args.defense: evaluation.metrics}))
     print()
-    print(
-        f"{m['memorized_fraction']:.1%} of {m['num_samples']} generations are copies of a training image "
-        f"(nearest/second-nearest distance < {m['memorization_threshold']:.3f}); "
-        f"{m['copy_fraction']:.1%} exceed copy similarity {m['copy_threshold']}."
-    )
-    if "extraction_rate" in m:
-        print(
-            f"extraction attack: {m['extraction_rate']:.1%} of generations prompted for red ink show it; "
-            f"{m['base_rate']:.1%} of those for prompts naming no ink do (base rate); "
-            f"{m['allowed_accuracy']:.1%} of allowed prompts get the digit and ink they ask for."
-        )
+    print_reading(evaluation.metrics)
     print(f"see {run_dir / 'report.html'} ({run_dir / 'nearest.png'}: generations above their nearest training images)")
 
 
@@ -157,9 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except MemsafeError as exc:
+        close_all_bars()
         print(f"memsafe: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        close_all_bars()
         print("memsafe: interrupted", file=sys.stderr)
         return 130
     return 0

@@ -112,7 +112,7 @@ class GradientProjectionConfig:
     concepts: list[str] = field(default_factory=list)  # prompts naming the prohibited concepts (several each)
     concept_images: list[str] = field(default_factory=list)  # needs a joint text-image encoder (not yet)
     neutral: list[str] = field(default_factory=lambda: ["", "a photo", "an image of", "a picture of something"])
-    strength: float = field(default=1.0, metadata={"alias": "lambda"})  # 1 removes the component entirely
+    strength: float = 1.0  # the projection strength (lambda in the method's equations); 1 removes the component
     rank: int | None = None  # basis size; None: smallest rank holding `energy` of the concept spectrum
     energy: float = 0.95
     neutral_energy: float = 0.99
@@ -202,12 +202,10 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     if not isinstance(values, dict):
         raise MemsafeError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
     hints = typing.get_type_hints(cls)
-    aliases = {f.metadata["alias"]: f.name for f in dataclasses.fields(cls) if "alias" in f.metadata}
-    known = {f.name for f in dataclasses.fields(cls)} | set(aliases)
+    known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         name = f"{where}.{key}" if where else key
-        key = aliases.get(key, key)
         if key not in known:
             raise MemsafeError(f"unknown config key '{name}' (known: {', '.join(sorted(known))})")
         annotation = hints[key]
@@ -292,7 +290,7 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(f"defense.iet_agc.redistribute_threshold must be in (0, 1], got {iet.redistribute_threshold}")
     gp = config.defense.gradient_projection
     if not 0.0 <= gp.strength <= 1.0:
-        raise MemsafeError(f"defense.gradient_projection.lambda must be in [0, 1], got {gp.strength}")
+        raise MemsafeError(f"defense.gradient_projection.strength must be in [0, 1], got {gp.strength}")
     if gp.mode not in ("update", "gradient", "both"):
         raise MemsafeError(f"defense.gradient_projection.mode must be update, gradient or both, got {gp.mode!r}")
     if gp.scope not in ("all", "concept_samples"):

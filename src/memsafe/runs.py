@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from diffusers import DDPMPipeline
@@ -26,7 +27,9 @@ from memsafe.metrics.evaluate import Evaluation, evaluate_samples
 from memsafe.models.sampling import generate
 from memsafe.models.unet import build_noise_scheduler, unet_class
 from memsafe.report.document import write_run_report
+from memsafe.report.quality import compare_with_undefended
 from memsafe.report.figures import save_image_grid, save_nearest_grid
+from memsafe.run_lock import LOCK_NAME, hold_run_directory
 from memsafe.train.checkpoint import WRITE_ERRORS, latest_checkpoint
 
 RESUMABLE_CHANGES = {"train.max_steps", "output_dir"}
@@ -78,22 +81,30 @@ def train_run(config: RunConfig, progress: bool = True) -> Path:
     train_set, _ = load_dataset(config.data)
     trainer = build_trainer(config, train_set)
     accelerator = trainer.accelerator
-    main = accelerator.is_main_process
     run_dir = Path(config.output_dir)
-    checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if (run_dir / "config.yaml").exists():
         _check_resumable(run_dir, config)
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         raise MemsafeError(f"output_dir {run_dir} exists and is not a memsafe run; choose another output_dir")
     accelerator.wait_for_everyone()  # every process has read the directory before the main one writes
+    with hold_run_directory(run_dir, "train", accelerator):
+        _train_held(config, trainer, run_dir, progress)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _train_held(config: RunConfig, trainer, run_dir: Path, progress: bool) -> None:
+    """The part of `train_run` done while this process holds the run directory."""
+    accelerator = trainer.accelerator
+    main = accelerator.is_main_process
 
     def status(value: dict) -> None:
         if main:
             write_json(run_dir / "status.json", value)
 
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
     status({"status": "running", "step": trainer.step})
@@ -113,8 +124,6 @@ def train_run(config: RunConfig, progress: bool = True) -> Path:
         raise
     status({"status": "complete", "step": trainer.step, "final_loss": trainer.last_log.get("loss"),
             "processes": accelerator.num_processes, **stats})
-    accelerator.wait_for_everyone()
-    return run_dir
 
 
 def save_pipeline(unet: torch.nn.Module, trainer, path: Path) -> None:
@@ -200,16 +209,27 @@ def run_heldout_loss(run_dir: Path, images: ImageSet) -> torch.Tensor:
                                   images.as_model_input(), images.captions)
 
 
+def draw_prompts(config: RunConfig, num_images: int, seed: int, prompts: list[str] | None = None) -> list[str]:
+    """The prompt of each generation of a text run: `prompts` cycled over `num_images`, or training captions
+    drawn with `seed`."""
+    if prompts is None:
+        captions = load_dataset(config.data)[0].captions or [""]
+        pick = torch.randint(len(captions), (num_images,), generator=torch.Generator().manual_seed(seed))
+        return [captions[i] for i in pick.tolist()]
+    return [prompts[i % len(prompts)] for i in range(num_images)]
+
+
 def sample_run(
     run_dir: Path, num_images: int, seed: int, prompts: list[str] | None = None, progress: bool = True
-) -> torch.Tensor:
-    """Samples from a finished run; a text run without `prompts` uses training captions drawn with `seed`."""
+) -> tuple[torch.Tensor, list[str] | None]:
+    """(samples, their prompts) from a finished run; a text run without `prompts` uses training captions
+    drawn with `seed`."""
     config = load_run_config(run_dir)
     unet = load_run_unet(run_dir, config)
     if config.model.conditioning != "text":
         if prompts:
             raise MemsafeError(f"run {run_dir} is unconditional: it takes no prompts")
-        return generate(
+        samples = generate(
             unet,
             build_noise_scheduler(config.model),
             num_images,
@@ -218,31 +238,55 @@ def sample_run(
             seed=seed,
             progress=progress,
         )
-    if prompts is None:
-        captions = load_dataset(config.data)[0].captions or [""]
-        pick = torch.randint(len(captions), (num_images,), generator=torch.Generator().manual_seed(seed))
-        prompts = [captions[i] for i in pick.tolist()]
-    elif len(prompts) != num_images:
-        prompts = [prompts[i % len(prompts)] for i in range(num_images)]
-    return prompt_sampler(unet, config, seed, progress)(prompts)
+        return samples, None
+    prompts = draw_prompts(config, num_images, seed, prompts)
+    return prompt_sampler(unet, config, seed, progress)(prompts), prompts
+
+
+def write_samples(samples: torch.Tensor, folder: Path, seed: int, prompts: list[str] | None = None) -> Path:
+    """Samples as `folder/00000.png ...` plus `folder.npz` beside it (uint8 NHWC `images`, `seed`, `prompts`),
+    so a measurement can be repeated on the very images it was made on. Returns the .npz path."""
+    from PIL import Image
+
+    from memsafe.data.images import to_uint8
+
+    arrays = to_uint8(samples).permute(0, 2, 3, 1).numpy()
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for i, array in enumerate(arrays):
+        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(tmp / f"{i:05d}.png")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    archive = folder.with_name(f"{folder.name}.npz")
+    np.savez_compressed(archive, images=arrays, seed=np.int64(seed), prompts=np.array(prompts or [], dtype=str))
+    return archive
 
 
 def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
-    """Generate, measure and write metrics.json, report.md / report.html and their figures into the run."""
+    """Generate, measure and write metrics.json, report.md / report.html, the samples (`samples/` and
+    `samples.npz`) and the figures into the run."""
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
+    with hold_run_directory(run_dir, "evaluate"):
+        return _evaluate_held(run_dir, config, progress)
+
+
+def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluation:
     started = time.perf_counter()
-    samples = sample_run(run_dir, config.eval.num_samples, config.eval.seed, progress=progress)
+    samples, prompts = sample_run(run_dir, config.eval.num_samples, config.eval.seed, progress=progress)
+    write_samples(samples, run_dir / "samples", config.eval.seed, prompts)
     all_images = load_images(config.data)
     train_set, holdout = load_dataset(config.data, all_images)
     evaluation = evaluate_samples(samples, train_set, holdout, config.eval, progress=progress, real_images=all_images)
     status = read_status(run_dir)
     evaluation.metrics |= {
         "defense": config.defense.name,
+        "data_source": config.data.source,
+        "eval_seed": config.eval.seed,
         "train_steps": status.get("step"),
         "sec_per_step": status.get("sec_per_step"),
         "final_loss": status.get("final_loss"),
-        "eval_seconds": time.perf_counter() - started,
     }
     save_nearest_grid(
         samples,
@@ -255,6 +299,8 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
     )
     save_image_grid(samples[:64], run_dir / "samples.png", title=f"{config.defense.name}: samples")
     evaluation.metrics |= measure_concept_if_known(run_dir, config, progress)
+    evaluation.metrics |= compare_with_undefended(run_dir, evaluation.metrics, config.data.source)
+    evaluation.metrics["eval_seconds"] = time.perf_counter() - started
     log_path = run_dir / "log.jsonl"
     log_rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
     write_json(run_dir / "metrics.json", evaluation.metrics)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
+from memsafe.progress import progress_bar
 
 from memsafe.data.images import ImageSet, pil_to_tensor, resize_and_crop
 from memsafe.errors import MemsafeError
@@ -59,10 +59,8 @@ def load_image_folder(folder: str | Path, resolution: int, channels: int, center
         raise MemsafeError(f"data folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     captions = read_metadata(folder)
     names = [p.relative_to(folder).as_posix() for p in files]
-    pixels = [
-        decode_image(p, resolution, channels, center_crop)
-        for p in tqdm(files, desc=f"loading {folder.name}", disable=len(files) < 500)
-    ]
+    with progress_bar(files, desc=f"loading {folder.name}", disable=len(files) < 500) as bar:
+        pixels = [decode_image(p, resolution, channels, center_crop) for p in bar]
     return ImageSet(
         pixels=torch.stack(pixels),
         captions=[captions.get(n, "") for n in names] if captions else None,

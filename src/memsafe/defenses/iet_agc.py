@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from tqdm.auto import tqdm
+from memsafe.progress import progress_bar
 
 from memsafe.config import IETConfig, RunConfig
 from memsafe.data.images import ImageSet
@@ -320,7 +320,7 @@ class IETTrainer:
         sizes = torch.bincount(self.assignment, minlength=self.iet.shards).tolist()
         return [max(1, math.ceil(remaining * size / len(self.assignment) / batch)) for size in sizes]
 
-    def train_proxy(self, k: int, proxy: Trainer, steps: int, bar: tqdm) -> dict[str, float]:
+    def train_proxy(self, k: int, proxy: Trainer, steps: int, bar: progress_bar) -> dict[str, float]:
         members = self.shard_members(k)
         proxy.use_subset(members, seed=(self.config.train.seed * 7919 + self.round) * 101 + k)
         losses = []
@@ -332,7 +332,7 @@ class IETTrainer:
         return {"round": self.round, "shard": k, "loss": sum(losses) / len(losses),
                 "skip_rate": agc.take_skip_rate(), "shard_size": len(members), **proxy.hooks.log_values()}
 
-    def run_round(self, budget: int, bar: tqdm, log: JsonLines) -> None:
+    def run_round(self, budget: int, bar: progress_bar, log: JsonLines) -> None:
         self.ledger.start_round()
         steps = self.round_steps(budget)
         rows = [self.train_proxy(k, proxy, steps[k], bar) for k, proxy in zip(self.owned, self.proxies)]

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from memsafe.progress import progress_bar
 
 from memsafe.metrics.features import FeatureNet, augment, cache_dir, data_fingerprint
 
@@ -48,7 +48,7 @@ def train_attribute_classifier(
     net = AttributeClassifier(images.shape[1], {k: int(v.max()) + 1 for k, v in labels.items()})
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     net.train()
-    for _ in tqdm(range(steps), desc="attribute detector", disable=not progress, leave=False):
+    for _ in progress_bar(range(steps), desc="attribute detector", disable=not progress, leave=False):
         idx = torch.randperm(len(images), generator=generator)[:batch_size]
         outputs = net(augment(images[idx], generator))
         loss = sum(F.cross_entropy(outputs[k], labels[k][idx]) for k in labels)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from memsafe.progress import progress_bar
 
 from memsafe.errors import MemsafeError
 
@@ -109,7 +109,7 @@ def train_feature_net(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     batch_size = min(batch_size, len(images))
     net.train()
-    for _ in tqdm(range(steps), desc="feature network", disable=not progress, leave=False):
+    for _ in progress_bar(range(steps), desc="feature network", disable=not progress, leave=False):
         idx = torch.randperm(len(images), generator=generator)[:batch_size]
         batch = images[idx]
         view_a, view_b = augment(batch, generator), augment(batch, generator)

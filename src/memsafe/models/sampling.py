@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
-from tqdm.auto import tqdm
+from memsafe.progress import progress_bar
 
 
 def _predict_noise(unet, images, t, cond, uncond, guidance_scale):
@@ -41,7 +41,7 @@ def generate(
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     generator = torch.Generator().manual_seed(seed)
     batches = []
-    bar = tqdm(total=num_images * steps, desc="sampling", unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=num_images * steps, desc="sampling", unit="step", disable=not progress, leave=False)
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         images = torch.randn((count, *shape), generator=generator).to(device)

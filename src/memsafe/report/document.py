@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memsafe.report.figures import save_curve, save_loss_curve
-from memsafe.report.table import HEADLINE
+from memsafe.report.table import HEADLINE, reading
 
 CONCEPT_KEYS = [
     ("extraction_rate", "concept extraction rate (attack prompts)"),
@@ -20,16 +20,19 @@ CONCEPT_KEYS = [
 @dataclass
 class Report:
     title: str
-    sections: list[tuple[str, list[tuple[str, str]], list[tuple[str, str]]]] = field(default_factory=list)
+    sections: list[tuple[str, list[str], list[tuple[str, str]], list[tuple[str, str]]]] = field(default_factory=list)
 
-    def add(self, heading: str, rows: list[tuple[str, str]] = (), figures: list[tuple[str, str]] = ()) -> None:
-        """A section: (label, value) table rows and (file name, caption) figures."""
-        self.sections.append((heading, list(rows), list(figures)))
+    def add(self, heading: str, rows: list[tuple[str, str]] = (), figures: list[tuple[str, str]] = (),
+            paragraphs: list[str] = ()) -> None:
+        """A section: paragraphs of text, (label, value) table rows and (file name, caption) figures."""
+        self.sections.append((heading, list(paragraphs), list(rows), list(figures)))
 
     def markdown(self) -> str:
         lines = [f"# {self.title}", ""]
-        for heading, rows, figures in self.sections:
+        for heading, paragraphs, rows, figures in self.sections:
             lines += [f"## {heading}", ""]
+            for paragraph in paragraphs:
+                lines += [paragraph, ""]
             if rows:
                 lines += ["| | |", "|---|---|"] + [f"| {label} | {value} |" for label, value in rows] + [""]
             for name, caption in figures:
@@ -41,8 +44,9 @@ class Report:
                  "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td{padding:2px 10px}"
                  "table{border-collapse:collapse}tr:nth-child(even){background:#f3f3f3}</style></head><body>",
                  f"<h1>{html.escape(self.title)}</h1>"]
-        for heading, rows, figures in self.sections:
+        for heading, paragraphs, rows, figures in self.sections:
             parts.append(f"<h2>{html.escape(heading)}</h2>")
+            parts += [f"<p>{html.escape(paragraph)}</p>" for paragraph in paragraphs]
             if rows:
                 cells = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td></tr>" for a, b in rows)
                 parts.append(f"<table>{cells}</table>")
@@ -67,8 +71,8 @@ def _rows(metrics: dict, keys) -> list[tuple[str, str]]:
 
 
 def sibling_strength_curve(run_dir: Path) -> list[tuple[float, float]]:
-    """(lambda, extraction rate) of every evaluated run in the same parent folder that measured the
-    concept: an undefended run counts as lambda = 0. Sorted by lambda; one point per lambda (the mean)."""
+    """(projection strength, extraction rate) of every evaluated run in the same parent folder that measured
+    the concept: an undefended run counts as strength 0. Sorted by strength; one point per strength (the mean)."""
     points: dict[float, list[float]] = {}
     source = json.loads((run_dir / "metrics.json").read_text()).get("data_source")
     for metrics_path in sorted(run_dir.parent.glob("*/metrics.json")):
@@ -83,10 +87,12 @@ def sibling_strength_curve(run_dir: Path) -> list[tuple[float, float]]:
 def write_run_report(run_dir: Path, metrics: dict, log_rows: list[dict]) -> Path:
     """report.md / report.html (plus their PNG figures) in `run_dir`, from metrics.json's values and the log."""
     report = Report(f"memsafe run {run_dir.name}: defense {metrics.get('defense', 'none')}")
+    warning = [f"WARNING: {metrics['quality_warning']}."] if "quality_warning" in metrics else []
     report.add("Memorization and quality", _rows(metrics, HEADLINE + [("num_samples", "generations measured"),
                                                                        ("num_train_images", "training images")]),
                [("nearest.png", "generations (top) above their nearest training images; red = memorized"),
-                ("samples.png", "samples")])
+                ("samples.png", "samples")],
+               warning + [reading(metrics), f"Samples: samples/ and samples.npz (evaluation seed {metrics.get('eval_seed')})."])
     training = _rows(metrics, [("train_steps", "steps"), ("sec_per_step", "seconds per step"),
                                ("final_loss", "final loss")])
     figures = []
@@ -111,10 +117,10 @@ def write_run_report(run_dir: Path, metrics: dict, log_rows: list[dict]) -> Path
         figures = []
         curve = sibling_strength_curve(run_dir)
         if len(curve) > 1:
-            save_curve([p[0] for p in curve], [p[1] for p in curve], run_dir / "extraction_vs_lambda.png",
-                       "projection strength lambda (0 = undefended)", "extraction rate", marker="o")
-            figures.append(("extraction_vs_lambda.png",
-                            f"extraction rate against lambda over the evaluated runs in {run_dir.parent}"))
+            save_curve([p[0] for p in curve], [p[1] for p in curve], run_dir / "extraction_vs_strength.png",
+                       "projection strength (0 = undefended)", "extraction rate", marker="o")
+            figures.append(("extraction_vs_strength.png",
+                            f"extraction rate against projection strength over the evaluated runs in {run_dir.parent}"))
         report.add("Concept extraction attack", _rows(metrics, CONCEPT_KEYS), figures)
     report.write(run_dir)
     return run_dir / "report.md"

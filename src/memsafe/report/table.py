@@ -26,3 +26,24 @@ def metrics_table(rows: dict[str, dict], keys=HEADLINE) -> str:
     for name, metrics in rows.items():
         lines.append(f"| {name} | " + " | ".join(_fmt(metrics.get(k, "-")) for k, _ in keys) + " |")
     return "\n".join(lines)
+
+
+def copy_scale(metrics: dict) -> str:
+    """What the copy threshold means, in the units it was applied in."""
+    if "copy_threshold_cosine" not in metrics:
+        return f"cosine similarity > {metrics['copy_threshold']} to the nearest training image"
+    background = metrics.get("train_copy_fraction")
+    level = f"{background:.0%} of training images reach it against each other" if background is not None else \
+        "5% of real images reach it against their nearest other real image"
+    return (f"calibrated copy score > {metrics['copy_threshold']}, i.e. cosine > {metrics['copy_threshold_cosine']:.3f} "
+            f"to the nearest training image in the domain features; {level}")
+
+
+def reading(metrics: dict) -> str:
+    """One line with memorization and quality side by side, each with its scale."""
+    return (
+        f"memorized {metrics['memorized_fraction']:.1%} of {metrics['num_samples']} generations (nearest / "
+        f"second-nearest training image distance < {metrics['memorization_threshold']:.3f}); copies "
+        f"{metrics['copy_fraction']:.1%} ({copy_scale(metrics)}); FID {metrics['fid']:.3g} "
+        f"({metrics.get('fid_features', 'domain')} features, against the {metrics.get('fid_reference', 'holdout')} images)"
+    )

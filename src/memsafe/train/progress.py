@@ -6,7 +6,7 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from memsafe.progress import progress_bar
 
 
 class JsonLines:
@@ -26,7 +26,7 @@ class JsonLines:
 @contextmanager
 def run_display(total: int, initial: int, desc: str, show_bar: bool, log_path: Path | None):
     """(progress bar, log): the bar is silent unless `show_bar`, the log writes nothing without a path."""
-    bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not show_bar)
+    bar = progress_bar(total=total, initial=initial, desc=desc, unit="step", disable=not show_bar)
     log = JsonLines(log_path)
     try:
         yield bar, log
