@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from memsafe.data.ink_digits import load_stamped_digits
-from memsafe.defenses.concept_activations import captured_inputs, energy_basis, projectable_layers
+from memsafe.defenses.gradient_projection.activation_basis import captured_inputs, projectable_layers
+from memsafe.defenses.gradient_projection.subspace import energy_basis
 from memsafe.errors import MemsafeError
 from memsafe.models.text import TextEncoder
 from memsafe.models.unet import build_noise_scheduler

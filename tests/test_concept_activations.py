@@ -6,13 +6,12 @@ import torch
 from memsafe.config import config_from_dict, merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
-from memsafe.defenses.concept_activations import (
+from memsafe.defenses.gradient_projection.activation_basis import (
     activation_subspaces,
     concept_caption_pairs,
-    concept_specific_basis,
     projectable_layers,
 )
-from memsafe.defenses.gradient_projection import SubspaceProjector, orthonormal_basis
+from memsafe.defenses.gradient_projection.subspace import SubspaceProjector, concept_specific_basis, orthonormal_basis
 from memsafe.errors import MemsafeError
 from memsafe.train.checkpoint import read_state, write_state
 from tests.conftest import tiny_config_dict

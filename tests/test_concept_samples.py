@@ -6,7 +6,7 @@ import torch
 from memsafe.config import merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
-from memsafe.defenses.gradient_projection import names_concept
+from memsafe.defenses.gradient_projection.captions import names_concept
 from memsafe.errors import MemsafeError
 from memsafe.train.loss import per_sample_diffusion_loss
 from tests.test_concept_activations import CONCEPT, _config

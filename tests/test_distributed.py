@@ -49,7 +49,7 @@ GRADIENT_PROJECTION = {
     "sections",
     [
         {},
-        {"defense": {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 5}}},
+        {"defense": {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 2}}},
         pytest.param(GRADIENT_PROJECTION, marks=pytest.mark.skipif(not _has_text_encoder(), reason="no MiniLM")),
     ],
     ids=["plain", "iet_agc", "gradient_projection"],

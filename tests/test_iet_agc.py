@@ -9,17 +9,11 @@ from memsafe.cli import main
 from memsafe.config import merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
-from memsafe.defenses.iet_agc import (
-    AntiGradientControl,
-    IETTrainer,
-    LossBank,
-    SampleLedger,
-    augment_batch,
-    augmentation_strength,
-    redistribute,
-    split_shards,
-)
-from memsafe.config import IETConfig
+from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio
+from memsafe.defenses.iet_agc.augment import augment_batch, augmentation_strength
+from memsafe.defenses.iet_agc.config import IETConfig
+from memsafe.defenses.iet_agc.driver import IETTrainer
+from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
 from tests.conftest import tiny_config_dict
 
@@ -51,7 +45,8 @@ def test_aggregating_identical_proxies_returns_them_and_leaves_integer_buffers(t
 
 
 def test_real_proxies_aggregate_to_their_weighted_mean(tiny_config):
-    config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 3, "defense.iet_agc.local_steps": 3})
+    config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 3, "defense.iet_agc.local_steps": 3,
+                                 "train.max_steps": 45})
     train_set, _ = load_dataset(config.data)
     trainer = IETTrainer(config, train_set)
     for k, proxy in enumerate(trainer.proxies):
@@ -119,14 +114,14 @@ def test_augmentation_strength_is_monotone_in_loss():
 
 def test_iet_run_spends_the_same_sample_budget_and_resumes_exactly(tiny_config, tmp_path):
     config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 2,
-                                 "defense.iet_agc.local_steps": 5, "train.max_steps": 30,
+                                 "defense.iet_agc.local_steps": 5, "train.max_steps": 50,
                                  "train.checkpoint_every": 10, "train.ema": True, "train.checkpoints_total_limit": 5})
     train_set, _ = load_dataset(config.data)
     straight = build_trainer(config, train_set)
     assert isinstance(straight, IETTrainer)
     stats = straight.fit(checkpoint_dir=tmp_path / "a", progress=False)
-    assert straight.samples_seen == 30 * 16 and straight.step == 30 and stats["rounds"] == 3
-    assert straight.ledger.visits.sum() == 30 * 16
+    assert straight.samples_seen == 50 * 16 and straight.step == 50 and stats["rounds"] == 5
+    assert straight.ledger.visits.sum() == 50 * 16
 
     resumed = build_trainer(config, train_set)
     checkpoints = sorted((tmp_path / "a").iterdir())
@@ -142,7 +137,7 @@ def test_iet_run_spends_the_same_sample_budget_and_resumes_exactly(tiny_config, 
 
 
 def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
-    values = tiny_config_dict(tmp_path / "run", defense=IET, train={"max_steps": 20})
+    values = tiny_config_dict(tmp_path / "run", defense=IET, train={"max_steps": 50})
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(values))
     assert main(["train", "--config", str(path), "--no-progress"]) == 0
@@ -158,11 +153,18 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
         ({"name": "iet_agc", "iet_agc": {"shards": 500}}, "shards 500 is larger than the number of training images"),
         ({"name": "iet_agc", "iet_agc": {"agc_ratio": 0.5}}, "agc_ratio 0.5 < 1 would skip"),
         ({"name": "iet_agc+nonsense"}, "unknown defense 'nonsense'"),
+        # The schedule that returned noise and said "complete": 1000 steps, 10 shards of 100 local steps.
+        ({"name": "iet_agc", "iet_agc": {"shards": 10, "local_steps": 100}, "max_steps": 1000},
+         "gives 1 round(s), and IET-AGC+ needs at least 5 to learn: raise train.max_steps to 5000"),
+        ({"name": "iet_agc", "iet_agc": {"rounds": 5, "local_steps": 5}}, "set rounds or local_steps, not both"),
+        ({"name": "iet_agc", "iet_agc": {"shards": 2}, "max_steps": 10}, "all within train.warmup_steps 5"),
+        ({"name": "iet_agc", "iet_agc": {"shards": 4}}, "leave 12 per shard, fewer than train.batch_size 16"),
     ],
 )
 def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message):
     path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "run", defense=defense)))
+    steps = defense.pop("max_steps", 5000)
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "run", defense=defense, train={"max_steps": steps})))
     assert main(["train", "--config", str(path), "--no-progress"]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -171,7 +173,7 @@ def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message
 def test_lora_adapters_are_what_proxies_learn_and_aggregate(tiny_config):
     pytest.importorskip("peft")
     config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 2,
-                                 "defense.iet_agc.local_steps": 3, "model.lora_rank": 2,
+                                 "defense.iet_agc.local_steps": 3, "model.lora_rank": 2, "train.max_steps": 30,
                                  "model.lora_targets": ["to_k", "to_v"]})
     train_set, _ = load_dataset(config.data)
     trainer = IETTrainer(config, train_set)
@@ -193,8 +195,6 @@ def test_lora_adapters_are_what_proxies_learn_and_aggregate(tiny_config):
 
 
 def test_agc_ratio_defaults_follow_the_reference_code(tiny_config, tmp_path):
-    from memsafe.defenses.iet_agc import agc_ratio
-
     assert agc_ratio(tiny_config) == 2.0
     assert agc_ratio(merge(tiny_config, {"model.pretrained": str(tmp_path)})) == 1.25
     assert agc_ratio(merge(tiny_config, {"defense.iet_agc.agc_ratio": 1.5})) == 1.5

@@ -29,7 +29,7 @@ def _figures(run_dir) -> list[str]:
 
 
 def test_iet_report_has_metrics_loss_and_skip_rate(tmp_path):
-    run = _train_and_evaluate(tmp_path, "iet", train={"max_steps": 20},
+    run = _train_and_evaluate(tmp_path, "iet", train={"max_steps": 50},
                               defense={"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 5}})
     metrics = json.loads((run / "metrics.json").read_text())
     report = (run / "report.md").read_text()

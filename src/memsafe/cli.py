@@ -31,9 +31,12 @@ def _config(path: str | None, overrides: dict):
 
 
 def demo_config_path(defense: str = "none") -> Path:
-    """The unconditional digits demo, or the text-conditional ink-digits demo for a concept defense."""
-    name = "demo-text.yaml" if "gradient_projection" in defense else "demo.yaml"
-    return Path(str(resources.files("memsafe") / "configs" / name))
+    """The packaged demo config a defense names (the unconditional digits demo by default)."""
+    from memsafe.defenses import selected
+
+    names = [n for n in defense.split("+") if n.strip() and n.strip() != "none"]
+    configs = {d.demo_config for d in selected(names)} - {"demo.yaml"}
+    return Path(str(resources.files("memsafe") / "configs" / (configs.pop() if configs else "demo.yaml")))
 
 
 def cmd_train(args) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from memsafe.defenses.registry import DEFENSES, selected
 from memsafe.errors import MemsafeError
 
 
@@ -86,83 +87,20 @@ class EvalConfig:
     seed: int = 1234
 
 
-@dataclass
-class IETConfig:
-    """IET-AGC+ (sample-level defense); every component can be switched off for ablation."""
-
-    shards: int = 10  # K proxies, as in the reference code's CIFAR runs
-    local_steps: int = 100  # optimizer steps per proxy per round
-    agc: bool = True  # skip samples with loss < bank[t] / agc_ratio
-    agc_ratio: float | None = None  # lambda; None: 2.0 from scratch, 1.25 when fine-tuning (reference code)
-    bank_decay: float = 0.8  # EMA of the per-timestep loss bank
-    redistribute: bool = True  # AGC+: move persistently skipped samples to other shards between rounds
-    redistribute_threshold: float = 0.5  # share of a sample's visits in a round that were skipped
-    augment: bool = True  # AGC+: augmentation strength grows as a sample's loss falls
-    augment_flip: bool = False  # horizontal flips (off for digits and text, whose meaning a flip changes)
-    # Full-strength translation (fraction of the image) and brightness/contrast change. Kept small: on the
-    # demo digits a 2-pixel shift doubled FID, sub-pixel shifts did not (bench/results/sweeps/).
-    augment_max_shift: float = 0.03
-    augment_max_jitter: float = 0.05
-
-
-@dataclass
-class GradientProjectionConfig:
-    """Concept-level defense: updates of layers that read text embeddings lose their concept component."""
-
-    concepts: list[str] = field(default_factory=list)  # prompts naming the prohibited concepts (several each)
-    concept_images: list[str] = field(default_factory=list)  # needs a joint text-image encoder (not yet)
-    neutral: list[str] = field(default_factory=lambda: ["", "a photo", "an image of", "a picture of something"])
-    strength: float = 1.0  # the projection strength (lambda in the method's equations); 1 removes the component
-    rank: int | None = None  # basis size; None: smallest rank holding `energy` of the concept spectrum
-    energy: float = 0.95
-    neutral_energy: float = 0.99
-    layers: list[str] = field(default_factory=lambda: ["attn2.to_k", "attn2.to_v"])  # module-name suffixes
-    # "update": project the optimizer's update (exact); "gradient": project gradients; "both": gradients,
-    # so AdamW's moments see only the allowed part, and the update (exact)
-    mode: str = "update"
-    # Training captions that name no concept join the neutral prompts: their directions stay learnable.
-    neutral_captions: bool = True
-    # Extensions beyond the paper's key/value projection, off by default (measured in bench/gradproj.py):
-    # add the directions by which naming a concept changes the other tokens of its training captions (a
-    # bidirectional encoder spreads a phrase into its whole caption) ...
-    counterfactual: bool = False
-    # ... and train on caption embeddings with their concept component removed (scaled by 1 - lambda), so the
-    # layers after the frozen keys/values cannot learn to decode the concept from them either.
-    project_inputs: bool = False
-    # "text": the concepts' text-embedding subspace, on the layers that read text (`layers`). "activations":
-    # every trainable layer gets the subspace by which naming a concept changes its inputs
-    # (concept_activations.py), from `activation_samples` training captions with a concept prompt appended,
-    # keeping `activation_energy` of each layer's difference energy; `layers` does not apply.
-    space: str = "text"
-    # "all": every sample's gradient is projected (the guarantee). "concept_samples": only the share of the
-    # samples whose caption names a concept (concept_samples.py); `mode` does not apply, no guarantee.
-    scope: str = "all"
-    activation_samples: int = 256
-    activation_energy: float = 0.99
-    # Keep instead only the directions along which the concept moves a layer's inputs more than switching
-    # to another training caption does (allowed content keeps the rest; activation_energy does not apply).
-    activation_allowed: bool = False
-    # mode "update" only: project the update accumulated over this many steps at once (and before any
-    # checkpoint, IET aggregation or the end of training), so the hook costs 1/N per step. W u = W0 u holds
-    # at those points; between them the weights may drift along the subspace.
-    project_every: int = 1
-    # Add a private "sink" vector to the last token of every training sample whose caption names a concept:
-    # a direction that no projected weight is frozen along and that the text encoder's tokens use least. With
-    # the text route frozen, the concept images' content needs an explanation; the sink gives it one that no
-    # prompt produces, instead of allowed content that comes with it (bench/gradproj.py measures it).
-    sink: bool = False
-    sink_scale: float = 1.0  # the sink's norm, in RMS norms of the text tokens
-
-
-@dataclass
-class DefenseConfig:
-    name: str = "none"  # "none", "iet_agc", "gradient_projection"; several joined by "+"
-    iet_agc: IETConfig = field(default_factory=IETConfig)
-    gradient_projection: GradientProjectionConfig = field(default_factory=GradientProjectionConfig)
+class DefenseSelection:
+    """`defense.name` and one section per registered defense (`defense.<name>`, its own config dataclass)."""
 
     @property
     def names(self) -> list[str]:
         return [n.strip() for n in self.name.split("+") if n.strip() and n.strip() != "none"]
+
+
+DefenseConfig = dataclasses.make_dataclass(
+    "DefenseConfig",
+    [("name", str, field(default="none"))]  # "none", or registered defenses joined by "+"
+    + [(name, spec.config, field(default_factory=spec.config)) for name, spec in DEFENSES.items()],
+    bases=(DefenseSelection,),
+)
 
 
 @dataclass
@@ -278,37 +216,9 @@ def validate(config: RunConfig) -> None:
     for key in ("max_steps", "batch_size", "gradient_accumulation_steps", "checkpoint_every", "log_every"):
         if getattr(train, key) <= 0:
             raise MemsafeError(f"train.{key} must be positive, got {getattr(train, key)}")
-    iet = config.defense.iet_agc
-    if iet.shards < 1 or iet.local_steps < 1:
-        raise MemsafeError("defense.iet_agc.shards and local_steps must be at least 1")
-    if iet.agc_ratio is not None and iet.agc_ratio < 1.0:
-        raise MemsafeError(
-            f"defense.iet_agc.agc_ratio {iet.agc_ratio} < 1 would skip samples whose loss is above the running "
-            "mean, i.e. nearly every sample; use a value >= 1 (2.0 from scratch, 1.25 when fine-tuning)"
-        )
-    if not 0.0 < iet.redistribute_threshold <= 1.0:
-        raise MemsafeError(f"defense.iet_agc.redistribute_threshold must be in (0, 1], got {iet.redistribute_threshold}")
-    gp = config.defense.gradient_projection
-    if not 0.0 <= gp.strength <= 1.0:
-        raise MemsafeError(f"defense.gradient_projection.strength must be in [0, 1], got {gp.strength}")
-    if gp.mode not in ("update", "gradient", "both"):
-        raise MemsafeError(f"defense.gradient_projection.mode must be update, gradient or both, got {gp.mode!r}")
-    if gp.scope not in ("all", "concept_samples"):
-        raise MemsafeError(f"defense.gradient_projection.scope must be all or concept_samples, got {gp.scope!r}")
-    if gp.space not in ("text", "activations"):
-        raise MemsafeError(f"defense.gradient_projection.space must be text or activations, got {gp.space!r}")
-    if gp.space == "activations" and (gp.project_inputs or gp.counterfactual):
-        raise MemsafeError("defense.gradient_projection.project_inputs and counterfactual apply to space: text only")
-    if gp.sink_scale <= 0:
-        raise MemsafeError(f"defense.gradient_projection.sink_scale must be positive, got {gp.sink_scale}")
-    if gp.project_every < 1:
-        raise MemsafeError(f"defense.gradient_projection.project_every must be at least 1, got {gp.project_every}")
-    if gp.project_every > 1 and (gp.mode != "update" or gp.scope != "all" or config.train.ema):
-        raise MemsafeError("defense.gradient_projection.project_every > 1 needs mode: update, scope: all and "
-                           "train.ema: false (the other modes and the EMA act on every step)")
-    if not 0 < gp.activation_energy <= 1 or gp.activation_samples < 1:
-        raise MemsafeError("defense.gradient_projection.activation_energy must be in (0, 1] and activation_samples at least 1")
     if model.lora_rank is not None and model.lora_rank < 1:
         raise MemsafeError(f"model.lora_rank must be at least 1, got {model.lora_rank}")
     if config.eval.num_samples <= 0:
         raise MemsafeError(f"eval.num_samples must be positive, got {config.eval.num_samples}")
+    for defense in selected(config.defense.names):
+        defense.validate(config)

@@ -21,7 +21,7 @@ from diffusers import DDPMPipeline
 
 from memsafe.config import RunConfig, config_from_dict
 from memsafe.data import ImageSet, load_dataset, load_images
-from memsafe.defenses import build_trainer
+from memsafe.defenses import build_trainer, selected
 from memsafe.errors import MemsafeError
 from memsafe.metrics.evaluate import Evaluation, evaluate_samples
 from memsafe.models.sampling import generate
@@ -299,18 +299,22 @@ def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluati
     )
     save_image_grid(samples[:64], run_dir / "samples.png", title=f"{config.defense.name}: samples")
     evaluation.metrics |= measure_concept_if_known(run_dir, config, progress)
+    defenses = selected(config.defense.names)
+    for defense in defenses:
+        if defense.evaluate is not None:
+            evaluation.metrics |= defense.evaluate(run_dir, config)
     evaluation.metrics |= compare_with_undefended(run_dir, evaluation.metrics, config.data.source)
     evaluation.metrics["eval_seconds"] = time.perf_counter() - started
     log_path = run_dir / "log.jsonl"
     log_rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.is_file() else []
     write_json(run_dir / "metrics.json", evaluation.metrics)
-    write_run_report(run_dir, evaluation.metrics, log_rows)
+    write_run_report(run_dir, evaluation.metrics, log_rows, [d.report for d in defenses if d.report is not None])
     return evaluation
 
 
 def measure_concept_if_known(run_dir: Path, config: RunConfig, progress: bool) -> dict[str, Any]:
     """The concept-extraction attack, for text runs on built-in concept data (whose detector memsafe trains):
-    extraction rate, base rate and allowed accuracy, with the run's data source and projection strength."""
+    extraction rate, base rate and allowed accuracy."""
     from memsafe.metrics.extraction import attack_for, measure_concept
 
     attack = attack_for(config.data.source)
@@ -325,6 +329,4 @@ def measure_concept_if_known(run_dir: Path, config: RunConfig, progress: bool) -
         attack,
         per_prompt=2,
     )
-    projected = "gradient_projection" in config.defense.name.split("+")
-    return measured | {"data_source": config.data.source,
-                       "projection_strength": config.defense.gradient_projection.strength if projected else 0.0}
+    return measured

@@ -1,53 +1,34 @@
-"""Defenses, one file each, chosen by `defense.name` ("none", "iet_agc", "gradient_projection"; several
-joined by "+", e.g. "iet_agc+gradient_projection").
+"""Defenses, one package each behind one contract (contract.py), listed in registry.py and chosen by
+`defense.name` ("none", "iet_agc", "gradient_projection"; several joined by "+").
 
-A defense joins training through hooks of the one training loop; IET-AGC+ also runs that loop as K proxy
-trainers over shards. `build_trainer` returns the Trainer (or ensemble trainer) a run needs.
+A defense joins training through hooks of the one training loop, and may drive that loop its own way
+(IET-AGC+ runs it as K proxy trainers over shards). `build_trainer` returns the trainer a run needs.
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
-from memsafe.config import RunConfig
-from memsafe.data.images import ImageSet
-from memsafe.errors import MemsafeError
-from memsafe.train.hooks import TrainHook
-from memsafe.train.loop import Trainer
-
-# A hook defense does its expensive set-up once and returns a maker of fresh hooks (one set per trainer,
-# so each IET proxy gets its own).
-HookMaker = Callable[[], list[TrainHook]]
+from memsafe.defenses.contract import Defense, HookMaker
+from memsafe.defenses.registry import DEFENSES, known_defenses, selected
 
 
-def _gradient_projection(config: RunConfig, train_set: ImageSet) -> HookMaker:
-    from memsafe.defenses.gradient_projection import hook_maker
+def build_trainer(config, train_set):
+    """The run's trainer: the selected defenses' hooks in the one loop, or in the one selected driver."""
+    from memsafe.errors import MemsafeError
+    from memsafe.train.loop import Trainer
 
-    return hook_maker(config, train_set)
+    chosen = selected(config.defense.names)
+    makers = [d.hooks(config, train_set) for d in chosen if d.hooks is not None]
 
-
-HOOK_DEFENSES: dict[str, Callable[[RunConfig, ImageSet], HookMaker]] = {"gradient_projection": _gradient_projection}
-# Defenses that change how the loop is driven.
-DRIVER_DEFENSES = {"iet_agc"}
-
-
-def known_defenses() -> list[str]:
-    return sorted({"none", *HOOK_DEFENSES, *DRIVER_DEFENSES})
-
-
-def build_trainer(config: RunConfig, train_set: ImageSet):
-    names = config.defense.names
-    unknown = [n for n in names if n not in HOOK_DEFENSES and n not in DRIVER_DEFENSES]
-    if unknown:
-        raise MemsafeError(f"unknown defense '{unknown[0]}' in defense.name (have: {', '.join(known_defenses())})")
-
-    makers = [HOOK_DEFENSES[n](config, train_set) for n in names if n in HOOK_DEFENSES]
-
-    def hooks() -> list[TrainHook]:
+    def hooks():
         return [hook for make in makers for hook in make()]
 
-    if "iet_agc" in names:
-        from memsafe.defenses.iet_agc import IETTrainer
-
-        return IETTrainer(config, train_set, extra_hooks=hooks)
+    drivers = [d for d in chosen if d.driver is not None]
+    if len(drivers) > 1:
+        raise MemsafeError(f"defenses {' and '.join(d.name for d in drivers)} each schedule training their own way; "
+                           "choose one of them")
+    if drivers:
+        return drivers[0].driver(config, train_set, hooks)
     return Trainer(config, train_set, hooks=hooks())
+
+
+__all__ = ["DEFENSES", "Defense", "HookMaker", "build_trainer", "known_defenses", "selected"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import html
-import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memsafe.report.figures import save_curve, save_loss_curve
+from memsafe.report.figures import save_loss_curve
 from memsafe.report.table import HEADLINE, reading
 
 CONCEPT_KEYS = [
@@ -70,22 +70,9 @@ def _rows(metrics: dict, keys) -> list[tuple[str, str]]:
     return [(label, _fmt(metrics[key])) for key, label in keys if metrics.get(key) is not None]
 
 
-def sibling_strength_curve(run_dir: Path) -> list[tuple[float, float]]:
-    """(projection strength, extraction rate) of every evaluated run in the same parent folder that measured
-    the concept: an undefended run counts as strength 0. Sorted by strength; one point per strength (the mean)."""
-    points: dict[float, list[float]] = {}
-    source = json.loads((run_dir / "metrics.json").read_text()).get("data_source")
-    for metrics_path in sorted(run_dir.parent.glob("*/metrics.json")):
-        metrics = json.loads(metrics_path.read_text())
-        if "extraction_rate" not in metrics or metrics.get("data_source") != source:
-            continue
-        strength = metrics.get("projection_strength", 0.0)
-        points.setdefault(float(strength), []).append(metrics["extraction_rate"])
-    return sorted((lam, sum(v) / len(v)) for lam, v in points.items())
-
-
-def write_run_report(run_dir: Path, metrics: dict, log_rows: list[dict]) -> Path:
-    """report.md / report.html (plus their PNG figures) in `run_dir`, from metrics.json's values and the log."""
+def write_run_report(run_dir: Path, metrics: dict, log_rows: list[dict], extras: Sequence[Callable] = ()) -> Path:
+    """report.md / report.html (plus their PNG figures) in `run_dir`, from metrics.json's values and the log.
+    Each of `extras` (report, run_dir, metrics, log_rows) adds its own sections (a defense's report extras)."""
     report = Report(f"memsafe run {run_dir.name}: defense {metrics.get('defense', 'none')}")
     warning = [f"WARNING: {metrics['quality_warning']}."] if "quality_warning" in metrics else []
     report.add("Memorization and quality", _rows(metrics, HEADLINE + [("num_samples", "generations measured"),
@@ -99,28 +86,10 @@ def write_run_report(run_dir: Path, metrics: dict, log_rows: list[dict]) -> Path
     if log_rows:
         save_loss_curve(log_rows, run_dir / "loss.png")
         figures.append(("loss.png", "training loss"))
-    skip_rows = [r for r in log_rows if "skip_rate" in r]
-    if skip_rows:
-        rounds = sorted({r["round"] for r in skip_rows})
-        mean = [sum(r["skip_rate"] for r in skip_rows if r["round"] == k) / sum(r["round"] == k for r in skip_rows)
-                for k in rounds]
-        save_curve(rounds, mean, run_dir / "skip_rate.png", "IET round", "AGC skip rate (mean over shards)")
-        figures.append(("skip_rate.png", "IET-AGC+: share of samples skipped as memorization-prone, per round"))
-    key = "gradient_projection/removed_grad_norm"
-    removed = [r for r in log_rows if key in r]
-    if removed:
-        save_curve([r["step"] for r in removed], [r[key] for r in removed], run_dir / "removed.png",
-                   "step", "share of gradient norm removed")
-        figures.append(("removed.png", "gradient projection: share of the projected layers' gradient norm removed"))
     report.add("Training", training, figures)
     if "extraction_rate" in metrics:
-        figures = []
-        curve = sibling_strength_curve(run_dir)
-        if len(curve) > 1:
-            save_curve([p[0] for p in curve], [p[1] for p in curve], run_dir / "extraction_vs_strength.png",
-                       "projection strength (0 = undefended)", "extraction rate", marker="o")
-            figures.append(("extraction_vs_strength.png",
-                            f"extraction rate against projection strength over the evaluated runs in {run_dir.parent}"))
-        report.add("Concept extraction attack", _rows(metrics, CONCEPT_KEYS), figures)
+        report.add("Concept extraction attack", _rows(metrics, CONCEPT_KEYS))
+    for add_sections in extras:
+        add_sections(report, run_dir, metrics, log_rows)
     report.write(run_dir)
     return run_dir / "report.md"

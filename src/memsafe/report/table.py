@@ -32,11 +32,9 @@ def copy_scale(metrics: dict) -> str:
     """What the copy threshold means, in the units it was applied in."""
     if "copy_threshold_cosine" not in metrics:
         return f"cosine similarity > {metrics['copy_threshold']} to the nearest training image"
-    background = metrics.get("train_copy_fraction")
-    level = f"{background:.0%} of training images reach it against each other" if background is not None else \
-        "5% of real images reach it against their nearest other real image"
     return (f"calibrated copy score > {metrics['copy_threshold']}, i.e. cosine > {metrics['copy_threshold_cosine']:.3f} "
-            f"to the nearest training image in the domain features; {level}")
+            "to the nearest training image in the domain features, which 5% of real images reach against their "
+            "nearest other real image")
 
 
 def reading(metrics: dict) -> str:

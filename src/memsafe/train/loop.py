@@ -206,35 +206,26 @@ class Trainer:
         on_checkpoint: Callable[[Path], None] | None = None,
     ) -> dict[str, float]:
         """Train until `max_steps` (default: the config's), checkpointing and logging on the way."""
-        train = self.config.train
-        max_steps = max_steps if max_steps is not None else train.max_steps
         if self.step == 0:
             self.hooks.on_train_start(self)
-        running: dict[str, float] = {}
-        started = time.perf_counter()
-        first_step = self.step
-        main = self.accelerator.is_main_process
-        with run_display(max_steps, self.step, "training", progress and main, log_path if main else None) as (bar, log):
-            while self.step < max_steps:
-                values = self.train_step()
-                for key, value in values.items():
-                    running[key] = running.get(key, 0.0) + value
-                bar.update(1)
-                if self.step % train.log_every == 0 or self.step == max_steps:
-                    count = train.log_every if self.step % train.log_every == 0 else self.step % train.log_every
-                    self.last_log = self.mean_over_processes({k: v / count for k, v in running.items()})
-                    self.last_log |= self.hooks.log_values()
-                    running = {}
-                    bar.set_postfix(loss=f"{self.last_log['loss']:.4f}", kept=f"{self.last_log['kept_fraction']:.2f}")
-                    log.write(self.step, self.last_log)
-                if checkpoint_dir is not None and (self.step % train.checkpoint_every == 0 or self.step == max_steps):
-                    path = self.save_checkpoint(checkpoint_dir)
-                    if on_checkpoint:
-                        on_checkpoint(path)
+        self._running: dict[str, float] = {}
+        stats = drive(self, self.advance, "training", max_steps, checkpoint_dir, log_path, progress, on_checkpoint)
         self.hooks.on_sync(self)
-        elapsed = time.perf_counter() - started
-        steps_run = self.step - first_step
-        return {"steps": self.step, "sec_per_step": elapsed / steps_run if steps_run else math.nan}
+        return stats
+
+    def advance(self, max_steps: int, bar, log) -> None:
+        """One optimizer step, with its share of the logging: `drive`'s unit of work for this trainer."""
+        every = self.config.train.log_every
+        for key, value in self.train_step().items():
+            self._running[key] = self._running.get(key, 0.0) + value
+        bar.update(1)
+        if self.step % every == 0 or self.step == max_steps:
+            count = every if self.step % every == 0 else self.step % every
+            self.last_log = self.mean_over_processes({k: v / count for k, v in self._running.items()})
+            self.last_log |= self.hooks.log_values()
+            self._running = {}
+            bar.set_postfix(loss=f"{self.last_log['loss']:.4f}", kept=f"{self.last_log['kept_fraction']:.2f}")
+            log.write(self.step, self.last_log)
 
     def mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
         """Logged values averaged over data-parallel processes (each saw its share of the batch)."""
@@ -264,3 +255,35 @@ class Trainer:
         if use_ema and self.ema is not None:
             self.ema.copy_to(model.parameters())
         return model
+
+
+def drive(
+    trainer,
+    advance: Callable[[int, object, object], None],
+    desc: str,
+    max_steps: int | None,
+    checkpoint_dir: Path | None,
+    log_path: Path | None,
+    progress: bool,
+    on_checkpoint: Callable[[Path], None] | None,
+) -> dict[str, float]:
+    """The skeleton every trainer runs (train.protocol.TrainerLike): `advance(max_steps, bar, log)` until
+    `trainer.step` reaches `max_steps` optimizer steps (default: the config's), a checkpoint whenever the step
+    count passes a multiple of `train.checkpoint_every` and at the end, one progress bar and one log, written
+    by the main process."""
+    train = trainer.config.train
+    max_steps = max_steps if max_steps is not None else train.max_steps
+    started, first_step = time.perf_counter(), trainer.step
+    main = trainer.accelerator.is_main_process
+    with run_display(max_steps, trainer.step, desc, progress and main, log_path if main else None) as (bar, log):
+        while trainer.step < max_steps:
+            before = trainer.step
+            advance(max_steps, bar, log)
+            passed = trainer.step // train.checkpoint_every > before // train.checkpoint_every
+            if checkpoint_dir is not None and (passed or trainer.step >= max_steps):
+                path = trainer.save_checkpoint(checkpoint_dir)
+                if on_checkpoint:
+                    on_checkpoint(path)
+    steps_run = trainer.step - first_step
+    elapsed = time.perf_counter() - started
+    return {"steps": trainer.step, "sec_per_step": elapsed / steps_run if steps_run else math.nan}

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from memsafe.config import GradientProjectionConfig
-from memsafe.defenses.gradient_projection import energy_rank, without_concept
+from memsafe.defenses.gradient_projection.captions import without_concept
+from memsafe.defenses.gradient_projection.config import GradientProjectionConfig
+from memsafe.defenses.gradient_projection.subspace import concept_specific_basis, energy_basis
 from memsafe.errors import MemsafeError
 from memsafe.train.loss import draw_noise
 
@@ -81,26 +82,6 @@ def concept_caption_pairs(captions: list[str], concepts: list[str], count: int,
     plain = [without_concept(captions[i], concepts) or captions[i] for i in images]
     other = [without_concept(captions[i], concepts) or captions[i] for i in others]
     return images, [f"{p} {concepts[k]}".strip() for p, k in zip(plain, prompts)], plain, other
-
-
-def energy_basis(covariance: torch.Tensor, energy: float) -> torch.Tensor:
-    """(d, k) eigenvectors of a covariance holding `energy` of its trace, largest first."""
-    values, vectors = torch.linalg.eigh(covariance)
-    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
-    return vectors[:, : min(energy_rank(values, energy), vectors.shape[1])]
-
-
-def concept_specific_basis(concept: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """(d, k) orthonormal basis of the directions along which naming a concept moves the inputs more than
-    changing to another allowed caption does: generalized eigenvectors of (concept, allowed) covariances
-    with eigenvalue above 1, both per pair."""
-    ridge = 1e-6 * allowed.diagonal().mean().clamp_min(1e-30)
-    lower = torch.linalg.cholesky(allowed + ridge * torch.eye(len(allowed), dtype=allowed.dtype))
-    whitened = torch.linalg.solve_triangular(lower, concept, upper=False)
-    whitened = torch.linalg.solve_triangular(lower, whitened.T, upper=False)  # L^-1 C L^-T, symmetric
-    ratios, vectors = torch.linalg.eigh((whitened + whitened.T) / 2)
-    directions = torch.linalg.solve_triangular(lower.T, vectors[:, ratios > 1.0], upper=True)
-    return torch.linalg.qr(directions).Q
 
 
 @torch.no_grad()

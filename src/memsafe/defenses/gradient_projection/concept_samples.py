@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from memsafe.defenses.concept_activations import input_rows, output_rows
-from memsafe.defenses.gradient_projection import concept_mask
+from memsafe.defenses.gradient_projection.activation_basis import input_rows, output_rows
+from memsafe.defenses.gradient_projection.captions import concept_mask
 
 
 class ConceptSampleGradients:

@@ -1,176 +1,18 @@
-"""Gradient projection: concept-level exclusion during training (see shared/research/gradproj.md).
-
-Text reaches a text-to-image UNet only through layers that multiply text-encoder token embeddings c:
-the cross-attention key/value projections (`attn2.to_k`, `attn2.to_v`). For such a weight W (out x d) and
-an orthonormal basis U (d x k) of the prohibited concepts' embedding subspace, every update is restricted
-to the orthogonal complement with strength lambda:  dW <- dW - lambda * dW U U^T.  At lambda = 1, W u stays
-at its starting value for every u in span(U): training cannot change how the layer responds to the concept.
-
-Two modes:
-- "update" (default): snapshot W before the optimizer step and project the step's whole change dW
-  afterwards. Exact under AdamW's per-element scaling, weight decay, mixed precision and accumulation.
-- "gradient": project the gradient before the optimizer. Cheaper to reason about, but AdamW's
-  per-element scaling and weight decay leak concept components back in; kept for comparison.
-- "both": project the gradient before the optimizer and its update after. As exact as "update", and
-  AdamW's moments see only the allowed part of the gradient. Under "update" alone they are built from
-  the whole gradient, and what is left of the step after projection need not descend the loss: it
-  matters when most of the gradient lies in the subspace (space: activations).
-`project_every: N` (mode update) projects the change of N steps at once, and before every checkpoint,
-IET aggregation and the end of training (the loop's `on_sync`): the guarantee holds at those points.
-
-Under LoRA (W = W0 + B A, A: r x d) the same is applied to A, and A is initialised as A (I - U U^T), so
-(B A) u = 0 stays true whatever B learns.
-
-Two opt-in extensions (bench/gradproj.py measures both): `counterfactual` adds the directions by which a
-concept phrase changes the other tokens of its training captions, and `project_inputs` trains on caption
-embeddings without their concept component, so layers after the frozen keys/values cannot decode it.
-`sink` gives the concept images' content an explanation that no prompt produces (see `sink_vector`).
-"""
+"""The training hook: every update of the projected weights restricted to the orthogonal complement of
+their concept subspace, and the factory that builds the subspaces once per run."""
 
 from __future__ import annotations
 
-import functools
-import re
-
 import torch
 
-from memsafe.config import GradientProjectionConfig, RunConfig
+from memsafe.config import RunConfig
+from memsafe.defenses.gradient_projection.captions import concept_mask
+from memsafe.defenses.gradient_projection.config import GradientProjectionConfig
+from memsafe.defenses.gradient_projection.sink import sink_vector
+from memsafe.defenses.gradient_projection.subspace import SubspaceProjector
+from memsafe.defenses.gradient_projection.text_basis import concept_basis, text_moment
 from memsafe.errors import MemsafeError
 from memsafe.train.hooks import TrainHook
-
-
-def orthonormal_basis(vectors: torch.Tensor, rank: int | None, energy: float) -> torch.Tensor:
-    """(d, k) orthonormal basis of the rows' span: the top-k right singular vectors, k = `rank` or the
-    smallest k whose squared singular values reach `energy` of the total."""
-    _, singular, vh = torch.linalg.svd(vectors.double(), full_matrices=False)
-    rank = energy_rank(singular.pow(2), energy) if rank is None else rank
-    return vh[: min(rank, vh.shape[0])].T.float()
-
-
-def energy_rank(spectrum: torch.Tensor, energy: float) -> int:
-    """The smallest k whose first k values of a descending energy spectrum hold `energy` of its sum."""
-    cumulative = spectrum.cumsum(0) / spectrum.sum().clamp_min(1e-30)
-    return int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype)).item()) + 1
-
-
-def token_embeddings(encoder, prompts: list[str]) -> torch.Tensor:
-    """Every token position of every prompt as a row: what cross-attention keys and values read."""
-    return encoder.encode(prompts).reshape(-1, encoder.dim)
-
-
-def without_concept(caption: str, phrases: list[str]) -> str | None:
-    """The caption with its longest concept phrase removed, or None when it names no concept."""
-    for phrase in sorted(phrases, key=len, reverse=True):
-        pattern = rf"\b{re.escape(phrase.strip())}\b"
-        if phrase.strip() and re.search(pattern, caption, flags=re.IGNORECASE):
-            return " ".join(re.sub(pattern, " ", caption, count=1, flags=re.IGNORECASE).split())
-    return None
-
-
-def names_concept(caption: str | None, concepts: list[str]) -> bool:
-    return caption is not None and _names_concept(caption, tuple(concepts))
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _names_concept(caption: str, concepts: tuple[str, ...]) -> bool:
-    # Memoised: hooks ask this of every caption of every step, and datasets repeat captions.
-    return without_concept(caption, list(concepts)) is not None
-
-
-def concept_mask(captions: list[str], concepts: list[str]) -> torch.Tensor:
-    """(len(captions),) bool: which captions name a concept."""
-    return torch.tensor([names_concept(c, concepts) for c in captions], dtype=torch.bool)
-
-
-def allowed_captions(captions: list[str] | None, phrases: list[str], limit: int = 512) -> list[str]:
-    """Training captions that name no concept: what the model must keep learning, so neutral directions."""
-    return [c for c in sorted(set(captions or [])) if without_concept(c, phrases) is None][:limit]
-
-
-def counterfactual_differences(encoder, phrases: list[str], captions: list[str] | None, limit: int = 512):
-    """Position by position, how naming a concept changes the embeddings of a training caption: each
-    caption that names one against itself with the phrase removed, (rows, d). A bidirectional encoder
-    spreads a phrase into every token of its caption, where the concept tokens' own directions miss it."""
-    pairs = {c: without_concept(c, phrases) for c in sorted(set(captions or []))}
-    named = [c for c, rest in pairs.items() if rest is not None][:limit]
-    if not named:
-        return None
-    return (encoder.encode(named) - encoder.encode([pairs[c] for c in named])).reshape(-1, encoder.dim)
-
-
-def concept_basis(encoder, config: GradientProjectionConfig, captions: list[str] | None = None):
-    """Orthonormal basis U (d, k) of the concepts' embedding subspace after removing the neutral directions,
-    extended by the counterfactual directions of the training `captions` that name a concept; and
-    diagnostics (ranks, share of concept energy that was neutral)."""
-    if not config.concepts:
-        raise MemsafeError("defense.gradient_projection.concepts is empty: name at least one prohibited concept")
-    if config.concept_images:
-        raise MemsafeError(
-            "defense.gradient_projection.concept_images needs a joint text-image encoder; "
-            "the configured text encoder has no image tower"
-        )
-    if config.rank is not None and not 1 <= config.rank <= encoder.dim:
-        raise MemsafeError(
-            f"defense.gradient_projection.rank {config.rank} must be between 1 and the embedding dimension {encoder.dim}"
-        )
-    concept = token_embeddings(encoder, config.concepts).double()
-    kept_captions = allowed_captions(captions, config.concepts) if config.neutral_captions else []
-    neutral = token_embeddings(encoder, config.neutral + kept_captions)
-    neutral_basis = orthonormal_basis(neutral, None, config.neutral_energy).double()
-    residual = concept - concept @ neutral_basis @ neutral_basis.T
-    # The neutral basis keeps `neutral_energy` of the neutral spectrum, so a neutral prompt leaves a
-    # residual of about (1 - neutral_energy); twice that counts as nothing left.
-    floor = 2.0 * (1.0 - config.neutral_energy)
-    for prompt in config.concepts:
-        own = token_embeddings(encoder, [prompt]).double()
-        left = own - own @ neutral_basis @ neutral_basis.T
-        if left.norm() ** 2 <= floor * own.norm() ** 2 or own.norm() == 0:
-            raise MemsafeError(
-                f"concept '{prompt}' has no embedding left outside the neutral prompts' subspace: "
-                "its embeddings are zero or neutral"
-            )
-    basis = orthonormal_basis(residual, config.rank, config.energy).double()
-    stats = {
-        "concept_rank": basis.shape[1],
-        "neutral_rank": neutral_basis.shape[1],
-        "neutral_share": 1.0 - (residual.norm() ** 2 / concept.norm() ** 2).item(),
-        "counterfactual_rank": 0,
-    }
-    differences = counterfactual_differences(encoder, config.concepts, captions) if config.counterfactual else None
-    if differences is not None:
-        known = torch.cat([neutral_basis, basis], 1)
-        spread = differences.double() - differences.double() @ known @ known.T
-        if spread.norm() > 1e-6 * differences.norm():
-            extra = orthonormal_basis(spread, None, config.energy).double()
-            basis = torch.linalg.qr(torch.cat([basis, extra], 1)).Q
-            stats["counterfactual_rank"] = extra.shape[1]
-    stats["rank"] = basis.shape[1]
-    return basis.float(), stats
-
-
-def text_moment(encoder, prompts: list[str]) -> torch.Tensor:
-    """(d, d) mean of x x^T over every token embedding of the prompts: where the encoder's outputs lie."""
-    tokens = token_embeddings(encoder, sorted(set(prompts))).double()
-    return tokens.T @ tokens / len(tokens)
-
-
-def sink_vector(moment: torch.Tensor, frozen: list[torch.Tensor]) -> tuple[torch.Tensor, float]:
-    """The sink (d,): among the directions that no frozen basis (d, k) touches, the one the text tokens use
-    least, at their RMS norm; and the share of the tokens' mean energy along it. With the text route frozen,
-    training still has to explain the concept in the concept images, and would otherwise tie it to allowed
-    content that comes with it; added to those samples' embeddings, the sink explains it instead. The concept
-    stays in the weights, behind a vector no caption reaches: it stops prompts, not someone who has the weights."""
-    dim = moment.shape[0]
-    covered = sum((b.double() @ b.double().T for b in frozen), torch.zeros(dim, dim, dtype=torch.float64))
-    values, vectors = torch.linalg.eigh(covered)
-    free = vectors[:, values < 1e-6]
-    if free.shape[1] == 0:
-        raise MemsafeError("defense.gradient_projection.sink: the projected subspaces cover the whole text-embedding "
-                           "space, so no direction is left for the sink; lower energy / activation_energy or rank")
-    _, least = torch.linalg.eigh(free.T @ moment @ free)
-    direction = free @ least[:, 0]
-    share = (direction @ moment @ direction / moment.trace()).item()
-    return (direction * moment.trace().sqrt()).float(), share
 
 
 def projected_parameters(model: torch.nn.Module, layers: list[str], dim: int) -> dict[str, torch.nn.Parameter]:
@@ -209,29 +51,6 @@ def _logging_step(trainer) -> bool:
     """The removed share is measured on the steps that end a logging interval only: measuring it costs as
     much as projecting when every layer has a basis of its own."""
     return (trainer.step + 1) % trainer.config.train.log_every == 0
-
-
-class SubspaceProjector:
-    """M -> M U U^T for an orthonormal basis U (d, k). When k > d / 2 it computes M - M Q Q^T with the
-    complement Q instead: the smaller product (per-layer activation bases often take most of a layer)."""
-
-    def __init__(self, basis: torch.Tensor, device: torch.device, dtype: torch.dtype):
-        self.rank = basis.shape[1]
-        self.complement = self.rank > basis.shape[0] / 2
-        if self.complement:
-            basis = basis.double()
-            values, vectors = torch.linalg.eigh(torch.eye(len(basis), dtype=basis.dtype) - basis @ basis.T)
-            basis = vectors[:, values > 0.5]
-        self.basis = basis.to(device=device, dtype=dtype)
-
-    def component(self, matrix: torch.Tensor) -> torch.Tensor:
-        part = matrix @ self.basis @ self.basis.T
-        return matrix - part if self.complement else part
-
-    def energy(self, matrix: torch.Tensor) -> torch.Tensor:
-        """||M U U^T||^2 = ||M U||^2, as a tensor (no device sync)."""
-        inside = (matrix @ self.basis).pow(2).sum()
-        return matrix.pow(2).sum() - inside if self.complement else inside
 
 
 class GradientProjection(TrainHook):
@@ -280,7 +99,7 @@ class GradientProjection(TrainHook):
                     if "lora_A" in name:  # start the adapter orthogonal to the concepts
                         param.flatten(1).sub_(projector.component(param.flatten(1)))
         if self.config.scope == "concept_samples":
-            from memsafe.defenses.concept_samples import ConceptSampleGradients
+            from memsafe.defenses.gradient_projection.concept_samples import ConceptSampleGradients
 
             if self.samples is not None:
                 self.samples.remove()
@@ -425,7 +244,7 @@ class LayerwiseProjection(GradientProjection):
         self.bases: dict[str, torch.Tensor] = {}
 
     def subspaces(self, trainer):
-        from memsafe.defenses.concept_activations import projectable_layers
+        from memsafe.defenses.gradient_projection.activation_basis import projectable_layers
 
         if not self.bases:
             self.bases, stats = self.compute_bases(trainer)
@@ -446,8 +265,6 @@ def hook_maker(config: RunConfig, train_set):
     """Builds the concept basis once; each call of the returned function makes a fresh hook (one per
     trainer, e.g. per IET proxy). In activation space the layers' bases are computed on the first
     trainer's model when it starts and shared by the later ones."""
-    if config.model.conditioning != "text":
-        raise MemsafeError("defense gradient_projection needs a text-conditional model (model.conditioning: text)")
     from memsafe.models.text import TextEncoder
 
     encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
@@ -459,7 +276,7 @@ def hook_maker(config: RunConfig, train_set):
     computed = {}
 
     def compute_bases(trainer):
-        from memsafe.defenses.concept_activations import activation_subspaces
+        from memsafe.defenses.gradient_projection.activation_basis import activation_subspaces
 
         if not computed:
             computed["bases"] = activation_subspaces(trainer.unwrapped, trainer.noise_scheduler, encoder,

@@ -1,0 +1,115 @@
+"""Anti-Gradient Control (reference code, exact): a per-timestep loss bank per proxy, and samples whose loss
+falls below bank[t] / lambda skipped; the per-sample ledger that redistribution and augmentation read."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from memsafe.train.hooks import TrainHook
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
+
+    from memsafe.config import RunConfig
+
+
+def agc_ratio(config: RunConfig) -> float:
+    """lambda: the configured value, else the reference code's 2.0 from scratch and 1.25 for fine-tuning."""
+    ratio = config.defense.iet_agc.agc_ratio
+    return ratio if ratio is not None else (1.25 if config.model.pretrained else 2.0)
+
+
+class SampleLedger:
+    """Per-sample statistics over the whole training set (global indices), shared by all proxies."""
+
+    def __init__(self, num_items: int):
+        self.skips = torch.zeros(num_items, dtype=torch.long)
+        self.visits = torch.zeros(num_items, dtype=torch.long)
+        self.round_skips = torch.zeros(num_items, dtype=torch.long)
+        self.round_visits = torch.zeros(num_items, dtype=torch.long)
+        self.relative_loss = torch.full((num_items,), math.inf)  # loss / bank[t] at the last visit
+
+    def start_round(self) -> None:
+        self.round_skips.zero_()
+        self.round_visits.zero_()
+
+    def record(self, index: torch.Tensor, kept: torch.Tensor, relative: torch.Tensor) -> None:
+        self.round_visits.index_add_(0, index, torch.ones_like(index))
+        self.round_skips.index_add_(0, index, (~kept).long())
+        self.relative_loss[index] = relative.float()
+
+    def end_round(self, accelerator: Accelerator | None = None) -> None:
+        """Adds the round to the totals. Each process saw only its proxies' shards: the round counts are
+        summed over processes and every sample's last relative loss comes from the process that visited it."""
+        if accelerator is not None and accelerator.num_processes > 1:
+            visited = self.round_visits > 0
+            counts = accelerator.reduce(torch.stack([self.round_visits, self.round_skips]), reduction="sum")
+            relative = accelerator.reduce(torch.where(visited, self.relative_loss.double(), 0.0), reduction="sum")
+            self.round_visits.copy_(counts[0])
+            self.round_skips.copy_(counts[1])
+            self.relative_loss = torch.where(self.round_visits > 0, relative.float(), self.relative_loss)
+        self.visits += self.round_visits
+        self.skips += self.round_skips
+
+    def round_skip_rate(self) -> torch.Tensor:
+        return self.round_skips.double() / self.round_visits.clamp_min(1).double()
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("skips", "visits", "round_skips", "round_visits", "relative_loss")}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            getattr(self, key).copy_(value)
+
+
+class LossBank:
+    """Running per-timestep loss of one proxy, as in the reference: starts at 0, EMA with `decay`."""
+
+    def __init__(self, num_timesteps: int, decay: float):
+        self.values = torch.zeros(num_timesteps, dtype=torch.float64)
+        self.decay = decay
+
+    def relative(self, losses: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        bank = self.values[timesteps]
+        return torch.where(bank > 0, losses.double() / bank.clamp_min(1e-30), torch.full_like(bank, math.inf))
+
+    def update(self, losses: torch.Tensor, timesteps: torch.Tensor) -> None:
+        # Sequential, as the reference: two samples with the same t both enter the average.
+        for t, loss in zip(timesteps.tolist(), losses.double().tolist()):
+            self.values[t] = self.decay * self.values[t] + (1 - self.decay) * loss
+
+
+class AntiGradientControl(TrainHook):
+    """Skips a sample when loss * lambda < bank[t]; with `skip=False` it only keeps the statistics."""
+
+    name = "agc"
+
+    def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True):
+        self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
+        self.kept = 0
+        self.seen = 0
+
+    def on_losses(self, losses, batch, trainer):
+        losses, timesteps, index = losses.cpu(), batch["timesteps"].cpu(), batch["index"].cpu()
+        relative = self.bank.relative(losses, timesteps)
+        kept = relative * self.ratio >= 1.0 if self.skip else torch.ones_like(losses, dtype=torch.bool)
+        self.bank.update(losses, timesteps)
+        self.ledger.record(index, kept, relative)
+        self.kept += int(kept.sum())
+        self.seen += len(kept)
+        return kept.float() if self.skip else None
+
+    def take_skip_rate(self) -> float:
+        rate = 1.0 - self.kept / self.seen if self.seen else 0.0
+        self.kept = self.seen = 0
+        return rate
+
+    def state_dict(self):
+        return {"bank": self.bank.values}
+
+    def load_state_dict(self, state):
+        if "bank" in state:
+            self.bank.values.copy_(state["bank"])

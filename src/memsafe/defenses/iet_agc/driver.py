@@ -1,0 +1,214 @@
+"""IET's driver: K proxy Trainers (the one training loop each) over shards, aggregated every round."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate.utils import gather_object
+
+from memsafe.config import RunConfig
+from memsafe.data.images import ImageSet
+from memsafe.defenses.contract import HookMaker
+from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio
+from memsafe.defenses.iet_agc.augment import LossDrivenAugmentation
+from memsafe.defenses.iet_agc.config import check_shards, schedule
+from memsafe.defenses.iet_agc.shards import redistribute, split_shards
+from memsafe.errors import MemsafeError
+from memsafe.models.unet import build_noise_scheduler
+from memsafe.train.checkpoint import atomic_checkpoint, load_checkpoint, read_state, write_state, write_trainer_state
+from memsafe.train.loop import Trainer, drive, make_accelerator
+
+
+class IETTrainer:
+    """K proxy Trainers over shards, aggregated every round (train.protocol.TrainerLike).
+
+    Under several processes (`accelerate launch` / `torchrun`) each process trains the proxies of shards
+    k with k % processes == rank, and the aggregation is an all-reduce of their weighted parameters.
+
+    `step` counts optimizer steps over all proxies: a run of `train.max_steps` steps sees as many samples as
+    plain training does in as many steps. Each round every proxy takes `local_steps` (the schedule of
+    config.py); the last round shares out the steps left by shard size.
+    """
+
+    def __init__(self, config: RunConfig, train_set: ImageSet, extra_hooks: HookMaker = list):
+        iet = config.defense.iet_agc
+        self.assignment = split_shards(len(train_set), iet.shards, config.train.seed)
+        check_shards(iet, len(train_set), config.train.batch_size)
+        self.config = config
+        self.iet = iet
+        self.local_steps = schedule(iet, config.train.max_steps).local_steps
+        self.ratio = agc_ratio(config)
+        self.ledger = SampleLedger(len(train_set))
+        self.accelerator = make_accelerator(config.train.mixed_precision)
+        processes, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if iet.shards < processes:
+            raise MemsafeError(
+                f"defense.iet_agc.shards {iet.shards} is smaller than the number of processes ({processes}): "
+                "every process trains at least one proxy"
+            )
+        self.owned = [k for k in range(iet.shards) if k % processes == rank]
+        # The bank has one bin per timestep of the scheduler the proxies train with (a pretrained one may
+        # differ from the config's default).
+        timesteps = build_noise_scheduler(config.model).config.num_train_timesteps
+        self.proxies: list[Trainer] = []
+        self.agc: list[AntiGradientControl] = []
+        for _ in self.owned:
+            first = self.proxies[0] if self.proxies else None
+            agc = AntiGradientControl(LossBank(timesteps, iet.bank_decay), self.ledger, self.ratio, skip=iet.agc)
+            hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
+            self.agc.append(agc)
+            self.proxies.append(
+                Trainer(
+                    config,
+                    train_set,
+                    hooks=hooks + list(extra_hooks()),
+                    accelerator=self.accelerator,
+                    unet=None if first is None else copy.deepcopy(first.unwrapped),
+                    conditioner=None if first is None else first.conditioner,
+                    data_parallel=False,
+                )
+            )
+        self.round = 0
+        self.step = 0
+        self.last_log: dict[str, float] = {}
+
+    @property
+    def samples_seen(self) -> int:
+        return self.step * self.config.train.samples_per_step
+
+    @property
+    def global_trainer(self) -> Trainer:
+        """After aggregation every proxy holds the global weights; the first stands for the global model."""
+        return self.proxies[0]
+
+    @property
+    def ema(self):
+        return self.global_trainer.ema
+
+    @property
+    def conditioner(self):
+        return self.global_trainer.conditioner
+
+    @property
+    def noise_scheduler(self):
+        return self.global_trainer.noise_scheduler
+
+    def ema_or_model(self, use_ema: bool) -> torch.nn.Module:
+        return self.global_trainer.ema_or_model(use_ema)
+
+    def shard_members(self, k: int) -> torch.Tensor:
+        return torch.nonzero(self.assignment == k).squeeze(1)
+
+    def round_steps(self, max_steps: int) -> list[int]:
+        """Local steps of each proxy this round; the last round shares out the remaining steps by shard size."""
+        remaining = max_steps - self.step
+        if remaining >= self.iet.shards * self.local_steps:
+            return [self.local_steps] * self.iet.shards
+        sizes = torch.bincount(self.assignment, minlength=self.iet.shards).tolist()
+        return [max(1, math.ceil(remaining * size / len(self.assignment))) for size in sizes]
+
+    def train_proxy(self, index: int, steps: int, bar) -> dict[str, float]:
+        k, proxy = self.owned[index], self.proxies[index]
+        members = self.shard_members(k)
+        proxy.use_subset(members, seed=(self.config.train.seed * 7919 + self.round) * 101 + k)
+        losses = []
+        for _ in range(steps):
+            losses.append(proxy.train_step()["loss"])
+            bar.update(self.accelerator.num_processes)  # the others train theirs meanwhile
+        proxy.hooks.on_sync(proxy)  # before the proxies are averaged
+        return {"round": self.round, "shard": k, "loss": sum(losses) / len(losses),
+                "skip_rate": self.agc[index].take_skip_rate(), "shard_size": len(members), **proxy.hooks.log_values()}
+
+    def run_round(self, max_steps: int, bar, log) -> None:
+        """One round: every proxy trains on its shard, then the proxies are averaged. `drive`'s unit of work."""
+        self.ledger.start_round()
+        steps = self.round_steps(max_steps)
+        rows = [self.train_proxy(i, steps[k], bar) for i, k in enumerate(self.owned)]
+        if self.accelerator.num_processes > 1:
+            rows = sorted(gather_object(rows), key=lambda row: row["shard"])
+        for k, row in enumerate(rows):
+            self.step += steps[k]
+            log.write(self.step, row)
+        self.last_log = rows[-1]
+        bar.set_postfix(round=self.round, loss=f"{sum(r['loss'] for r in rows) / len(rows):.4f}",
+                        skip=f"{sum(r['skip_rate'] for r in rows) / len(rows):.2f}")
+        self.aggregate()
+        self.ledger.end_round(self.accelerator)
+        if self.iet.redistribute:
+            self.last_log["moved"] = redistribute(
+                self.assignment, self.ledger.round_skip_rate(), self.iet.redistribute_threshold, self.iet.shards
+            )
+        for proxy in self.proxies:
+            proxy.hooks.on_round_end(proxy, self.round)
+        self.round += 1
+
+    def _weighted_sum(self, tensors_of: Callable[[Trainer], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """Shard-size-weighted mean over all proxies of all processes, one tensor per position."""
+        sizes = torch.bincount(self.assignment, minlength=self.iet.shards).double()
+        weights = sizes / sizes.sum()
+        total = None
+        for k, proxy in zip(self.owned, self.proxies):
+            flat = torch.cat([t.detach().double().flatten().cpu() for t in tensors_of(proxy)]) * weights[k]
+            total = flat if total is None else total + flat
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(total.to(self.accelerator.device), reduction="sum").cpu()
+        shapes = [t.shape for t in tensors_of(self.proxies[0])]
+        return [part.view(shape) for part, shape in zip(total.split([math.prod(s) for s in shapes]), shapes)]
+
+    @torch.no_grad()
+    def aggregate(self) -> None:
+        """Global weights (and EMA weights) = shard-size-weighted mean of the proxies', loaded into all."""
+
+        def floats(proxy: Trainer) -> list[torch.Tensor]:
+            return [t for t in proxy.unwrapped.state_dict().values() if t.is_floating_point()]
+
+        mean = self._weighted_sum(floats)
+        for proxy in self.proxies:
+            for tensor, value in zip(floats(proxy), mean):
+                tensor.copy_(value)
+        if self.ema is not None:
+            mean = self._weighted_sum(lambda p: list(p.ema.shadow_params))
+            for proxy in self.proxies:
+                for tensor, value in zip(proxy.ema.shadow_params, mean):
+                    tensor.copy_(value)
+
+    def fit(self, max_steps=None, checkpoint_dir: Path | None = None, log_path: Path | None = None,
+            progress: bool = True, on_checkpoint=None) -> dict[str, float]:
+        stats = drive(self, self.run_round, "IET-AGC+ training", max_steps, checkpoint_dir, log_path, progress,
+                      on_checkpoint)
+        return stats | {"rounds": self.round}
+
+    def state_dict(self) -> dict:
+        return {
+            "assignment": self.assignment,
+            "ledger": self.ledger.state_dict(),
+            "round": self.round,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+        }
+
+    def save_checkpoint(self, root: Path) -> Path:
+        """Every process writes its own proxies into the one checkpoint folder."""
+        keep = self.config.train.checkpoints_total_limit
+        with atomic_checkpoint(root, self.step, keep, self.accelerator, every_process_writes=True) as tmp:
+            for k, proxy in zip(self.owned, self.proxies):
+                write_trainer_state(proxy, tmp / f"proxy-{k:03d}")
+            if self.accelerator.is_main_process:
+                write_state(tmp / "iet", self.state_dict())
+        return root / f"checkpoint-{self.step:08d}"
+
+    def load_checkpoint(self, path: Path) -> None:
+        if not (path / "iet.json").is_file():
+            raise MemsafeError(f"checkpoint {path} was not written by an IET-AGC+ run (no iet.json)")
+        state = read_state(path / "iet")
+        if len(state["assignment"]) != len(self.assignment):
+            raise MemsafeError(f"checkpoint {path} covers {len(state['assignment'])} images, the data has {len(self.assignment)}")
+        for k, proxy in zip(self.owned, self.proxies):
+            load_checkpoint(proxy, path / f"proxy-{k:03d}")
+        self.assignment.copy_(state["assignment"])
+        self.ledger.load_state_dict(state["ledger"])
+        self.round, self.step = state["round"], state["step"]
