@@ -20,7 +20,7 @@ import torch
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
-from results_io import RESULTS
+from results_io import RESULTS, write_json
 
 
 
@@ -67,7 +67,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -33,7 +33,7 @@ from memsafe.metrics.fid import fid_with_features
 from memsafe.runs import read_status, run_heldout_loss, run_prompt_sampler, train_run
 from memsafe.train.checkpoint import latest_checkpoint, read_state
 from memsafe.train.hooks import TrainHook
-from results_io import RESULTS, write_results
+from results_io import RESULTS, variants, write_results
 
 RECORD = "bench_record.json"  # a finished run's measurements, in its run directory
 
@@ -340,7 +340,7 @@ def kept_results(out: Path, args) -> dict[str, dict]:
     earlier = json.loads(out.read_text())
     if earlier.get("settings") != settings(args):
         sys.exit(f"--add: {out} was written with settings {earlier.get('settings')}, not {settings(args)}")
-    return {name: summary for name, summary in earlier.items() if name != "settings"}
+    return variants(earlier)
 
 
 def baseline_of(name: str, results: dict) -> str:
@@ -379,7 +379,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
         results[name] = summary | {"runs": records}
     paired = ("allowed_accuracy", "heldout_loss", *(k for k in new_ink_metric(args) if k.startswith("heldout")))
     if "none" in results:
-        for name, summary in results.items():
+        for name, summary in variants(results).items():
             summary["baseline"] = baseline_of(name, results)
             none = results[summary["baseline"]]
             summary["step_time_ratio"] = summary["sec_per_step"] / none["sec_per_step"]
@@ -403,9 +403,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
              + " extraction with the sink added |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(new_ink) + 1)]
     nan = float("nan")
-    for name, r in results.items():
-        if name == "settings":
-            continue
+    for name, r in variants(results).items():
         new_cells = "".join(f" {r.get(key, nan):.4f}" + (f" ({ratio_cell(r, key)})" if f"{key}_paired_ratio" in r else "") + " |"
                             for key in new_ink)
         lines.append(f"| {name} | {r['extraction_rate']:.3f} ± {r['extraction_rate_std']:.3f} | {r['base_rate']:.3f} "

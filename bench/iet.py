@@ -18,7 +18,7 @@ from pathlib import Path
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
-from results_io import RESULTS
+from results_io import RESULTS, variants, write_results
 
 IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
 VARIANTS = {
@@ -93,7 +93,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if args.merge and out.is_file() else {}
-    runs: dict[str, list[dict]] = {n: list(v["runs"]) for n, v in previous.items()}
+    runs: dict[str, list[dict]] = {n: list(v["runs"]) for n, v in variants(previous).items()}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for name in names:
@@ -102,8 +102,7 @@ def main() -> None:
                 print(json.dumps({"variant": name, **record}), flush=True)
                 order = [n for n in VARIANTS if n in runs]
                 results = {n: summarize(runs[n]) for n in order}
-                out.write_text(json.dumps(results, indent=2) + "\n")
-                out.with_suffix(".md").write_text(markdown(results))
+                write_results(out, results, [markdown(results).rstrip()], echo=False)
     print(markdown(results))
 
 

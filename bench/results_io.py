@@ -1,16 +1,44 @@
-"""Where the benchmarks write, and how: a JSON file and a markdown table beside it."""
+"""Where the benchmarks write, and how: a JSON file (with the command line and git commit that produced it)
+and a markdown table beside it."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
+# Keys of a results file that are not variants.
+METADATA = ("settings", "provenance")
+
+
+def provenance() -> dict:
+    """The command line, git commit (and whether the tree had uncommitted changes) and date of this run."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+    return {"command": " ".join(["python", *sys.argv]), "git_commit": git("rev-parse", "HEAD"),
+            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def variants(results: dict) -> dict:
+    """The results of a file without its metadata keys."""
+    return {name: value for name, value in results.items() if name not in METADATA}
+
+
+def write_json(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results | {"provenance": provenance()}, indent=2) + "\n")
 
 
 def write_results(out: Path, results: dict, table: list[str], echo: bool = True) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     out.with_suffix(".md").write_text("\n".join(table) + "\n")
     if echo:
         print("\n".join(table))

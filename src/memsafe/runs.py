@@ -102,8 +102,10 @@ def _train_held(config: RunConfig, trainer, run_dir: Path, progress: bool) -> No
         if main:
             write_json(run_dir / "status.json", value)
 
+    earlier = read_status(run_dir).get("train_seconds", 0.0)  # wall time of the invocations before this one
     if main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    started = time.perf_counter()
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
@@ -123,7 +125,7 @@ def _train_held(config: RunConfig, trainer, run_dir: Path, progress: bool) -> No
         status({"status": "failed", "step": trainer.step, "error": str(exc) or repr(exc)})
         raise
     status({"status": "complete", "step": trainer.step, "final_loss": trainer.last_log.get("loss"),
-            "processes": accelerator.num_processes, **stats})
+            "processes": accelerator.num_processes, "train_seconds": earlier + time.perf_counter() - started, **stats})
 
 
 def save_pipeline(unet: torch.nn.Module, trainer, path: Path) -> None:

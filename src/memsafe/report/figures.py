@@ -89,3 +89,17 @@ def _save(fig, path: Path) -> None:
     fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     tmp.replace(path)
+
+
+def save_side_by_side(images: dict[str, Path], path: Path) -> None:
+    """Saved figures (PNG files) side by side, each under its title: e.g. the nearest-neighbour figures of
+    an undefended and a defended run."""
+    import matplotlib.image as mpimg
+
+    fig, axes = plt.subplots(1, len(images), figsize=(7 * len(images), 6), squeeze=False)
+    for ax, (title, image_path) in zip(axes[0], images.items()):
+        ax.imshow(mpimg.imread(image_path))
+        ax.set_title(title, fontsize=12)
+        ax.axis("off")
+    fig.tight_layout()
+    _save(fig, path)

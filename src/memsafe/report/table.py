@@ -45,3 +45,11 @@ def reading(metrics: dict) -> str:
         f"{metrics['copy_fraction']:.1%} ({copy_scale(metrics)}); FID {metrics['fid']:.3g} "
         f"({metrics.get('fid_features', 'domain')} features, against the {metrics.get('fid_reference', 'holdout')} images)"
     )
+
+
+COMPARISON = [
+    ("memorized_fraction", "memorized (NN ratio < 1/3)"),
+    ("copy_fraction", "copies (calibrated score > 0.5)"),
+    ("fid", "FID (domain)"),
+    ("train_seconds", "training wall s"),
+]

@@ -88,11 +88,12 @@ def validate(config: RunConfig) -> None:
         )
 
 
-def check_shards(iet: IETConfig, num_images: int, batch_size: int) -> None:
-    """The check that needs the data: every shard holds a batch's worth of images."""
-    if num_images // iet.shards < batch_size:
-        raise MemsafeError(
-            f"defense.iet_agc: {num_images} training images over {iet.shards} shards leave {num_images // iet.shards} "
-            f"per shard, fewer than train.batch_size {batch_size}: every batch would repeat the shard's images; lower "
-            f"shards to {max(1, num_images // batch_size)} or train.batch_size to {num_images // iet.shards}"
-        )
+def small_shard_warning(iet: IETConfig, num_images: int, batch_size: int) -> str | None:
+    """A shard with fewer images than a batch still trains (its batches stream through several epochs),
+    but every batch then repeats the shard's images: said once, not refused."""
+    per_shard = num_images // iet.shards
+    if per_shard >= batch_size:
+        return None
+    return (f"defense.iet_agc: {num_images} training images over {iet.shards} shards leave {per_shard} per shard, "
+            f"fewer than train.batch_size {batch_size}, so every batch repeats the shard's images (lower shards to "
+            f"{max(1, num_images // batch_size)} or train.batch_size to {max(1, per_shard)} to avoid it)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +16,7 @@ from memsafe.data.images import ImageSet
 from memsafe.defenses.contract import HookMaker
 from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio
 from memsafe.defenses.iet_agc.augment import LossDrivenAugmentation
-from memsafe.defenses.iet_agc.config import check_shards, schedule
+from memsafe.defenses.iet_agc.config import schedule, small_shard_warning
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
 from memsafe.models.unet import build_noise_scheduler
@@ -37,7 +38,6 @@ class IETTrainer:
     def __init__(self, config: RunConfig, train_set: ImageSet, extra_hooks: HookMaker = list):
         iet = config.defense.iet_agc
         self.assignment = split_shards(len(train_set), iet.shards, config.train.seed)
-        check_shards(iet, len(train_set), config.train.batch_size)
         self.config = config
         self.iet = iet
         self.local_steps = schedule(iet, config.train.max_steps).local_steps
@@ -51,6 +51,9 @@ class IETTrainer:
                 "every process trains at least one proxy"
             )
         self.owned = [k for k in range(iet.shards) if k % processes == rank]
+        warning = small_shard_warning(iet, len(train_set), config.train.batch_size)
+        if warning and self.accelerator.is_main_process:
+            print(f"memsafe: warning: {warning}", file=sys.stderr)
         # The bank has one bin per timestep of the scheduler the proxies train with (a pretrained one may
         # differ from the config's default).
         timesteps = build_noise_scheduler(config.model).config.num_train_timesteps
