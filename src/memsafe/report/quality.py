@@ -39,9 +39,12 @@ def compare_with_undefended(run_dir: Path, metrics: dict, data_source: str) -> d
     ratio = metrics["fid"] / max(reference, 1e-12)
     found = {"fid_vs_undefended": ratio, "undefended_runs": sorted(siblings)}
     if ratio >= QUALITY_FACTOR:
+        against_train = metrics.get("fid_reference") == "train"
         found["quality_warning"] = (
             f"memorization {metrics['memorized_fraction']:.0%}, but FID {ratio:.1f}x the undefended run "
             f"({', '.join(sorted(siblings))}: {reference:.3g}): the model did not learn the data, so its low "
             "memorization says nothing about the defense"
+            + (" (FID is measured against the training images here, which a memorizing model reproduces; "
+               "set data.holdout_images for a reading against images neither model saw)" if against_train else "")
         )
     return found

@@ -95,5 +95,5 @@ def small_shard_warning(iet: IETConfig, num_images: int, batch_size: int) -> str
     if per_shard >= batch_size:
         return None
     return (f"defense.iet_agc: {num_images} training images over {iet.shards} shards leave {per_shard} per shard, "
-            f"fewer than train.batch_size {batch_size}, so every batch repeats the shard's images (lower shards to "
-            f"{max(1, num_images // batch_size)} or train.batch_size to {max(1, per_shard)} to avoid it)")
+            f"fewer than train.batch_size {batch_size}, so every batch repeats the shard's images (train.batch_size "
+            f"{max(1, per_shard)} or less, or more images, avoids it)")

@@ -1,0 +1,51 @@
+"""IET-AGC+ from a minimal config on a user's folder (rendered glyphs, not the built-in digits) must learn:
+a defense whose samples are noise reports no memorization, and that must fail here.
+
+Slow (two 2,400-step runs; `make test-slow`), and expected to fail today: on these glyphs AGC skips about
+40 % of the samples from the third round on, and IET-AGC+ reaches FID 11.7 against 2.5 for IET without AGC
+(docs/research/iet-agc.md). When AGC is fixed the strict xfail turns this test red: drop the marker then."""
+
+import json
+import string
+
+import pytest
+import yaml
+from PIL import Image, ImageDraw, ImageFont
+
+from memsafe.cli import main
+
+QUALITY_FACTOR = 3.0  # FID of IET-AGC+ against plain training's, on images neither saw
+
+
+def glyph_folder(folder, count=64, size=16):
+    """`count` captioned glyphs (letters, digits, punctuation) drawn in PIL's built-in font, one per image."""
+    folder.mkdir()
+    font = ImageFont.load_default()
+    rows = []
+    for i, char in enumerate((string.ascii_letters + string.digits + "#%&@?!")[:count]):
+        image = Image.new("L", (size, size), color=255)
+        draw = ImageDraw.Draw(image)
+        left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
+        draw.text(((size - (right - left)) / 2 - left, (size - (bottom - top)) / 2 - top), char, fill=0, font=font)
+        image.save(folder / f"{i:03d}.png")
+        rows.append({"file_name": f"{i:03d}.png", "text": f"the glyph {char}"})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="AGC over-skips on sparse images (docs/research/iet-agc.md)")
+def test_iet_agc_with_its_defaults_learns_a_users_folder(tmp_path):
+    data = glyph_folder(tmp_path / "glyphs")
+    fids = {}
+    for name, defense in (("plain", "none"), ("iet", "iet_agc")):
+        config = {"data": {"source": str(data), "holdout_images": 16}, "train": {"max_steps": 2400, "batch_size": 16},
+                  "defense": {"name": defense}, "output_dir": str(tmp_path / "runs" / name)}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        assert main(["train", "--config", str(path), "--no-progress"]) == 0
+        assert main(["evaluate", str(tmp_path / "runs" / name), "--no-progress"]) == 0
+        fids[name] = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["fid"]
+    status = json.loads((tmp_path / "runs" / "iet" / "status.json").read_text())
+    assert status["rounds"] == 10 and status["step"] == 2400
+    assert fids["iet"] <= QUALITY_FACTOR * fids["plain"], fids
