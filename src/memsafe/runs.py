@@ -2,7 +2,8 @@
 
 A run directory holds `config.yaml` (resolved), `status.json`, `log.jsonl`, `checkpoints/`, `model/`
 (a diffusers DDPMPipeline; `model_ema/` too when EMA is on), and after evaluation `metrics.json`,
-`report.md` / `report.html` and their PNG figures. Only `status.json` with "complete" says the training finished.
+`report.md` / `report.html`, the measured samples (`samples/`, `samples.npz`) and the PNG figures. Only
+`status.json` with "complete" says the training finished. One process at a time writes it (run_lock.py).
 """
 
 from __future__ import annotations
