@@ -1,14 +1,12 @@
 """IET-AGC+ from a minimal config on a user's folder (rendered glyphs, not the built-in digits) must learn:
 a defense whose samples are noise reports no memorization, and that must fail here.
 
-Slow (two 2,400-step runs; `make test-slow`), and expected to fail today: on these glyphs AGC skips about
-40 % of the samples from the third round on, and IET-AGC+ reaches FID 11.7 against 2.5 for IET without AGC
-(docs/research/iet-agc.md). When AGC is fixed the strict xfail turns this test red: drop the marker then."""
+Measured (docs/research/iet-agc.md): FID against 16 held-out glyphs 4.26 for IET-AGC+ against 2.00 for
+plain training (2.1x); a model that learned nothing scores about 50 there. About 5 minutes on 2 cores."""
 
 import json
 import string
 
-import pytest
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
@@ -33,8 +31,6 @@ def glyph_folder(folder, count=64, size=16):
     return folder
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="AGC over-skips on sparse images (docs/research/iet-agc.md)")
 def test_iet_agc_with_its_defaults_learns_a_users_folder(tmp_path):
     data = glyph_folder(tmp_path / "glyphs")
     fids = {}
