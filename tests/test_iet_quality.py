@@ -2,7 +2,8 @@
 a defense whose samples are noise reports no memorization, and that must fail here.
 
 Measured (docs/research/iet-agc.md): FID against 16 held-out glyphs 4.26 for IET-AGC+ against 2.00 for
-plain training (2.1x); a model that learned nothing scores about 50 there. About 5 minutes on 2 cores."""
+plain training (2.1x); models that learned nothing scored about 50 against the training images. About
+5 minutes on 2 cores."""
 
 import json
 import string
