@@ -33,7 +33,7 @@ from memsafe.metrics.fid import fid_with_features
 from memsafe.runs import read_status, run_heldout_loss, run_prompt_sampler, train_run
 from memsafe.train.checkpoint import latest_checkpoint, read_state
 from memsafe.train.hooks import TrainHook
-from results_io import RESULTS, variants, write_results
+from results_io import RESULTS, without_metadata, write_results
 
 RECORD = "bench_record.json"  # a finished run's measurements, in its run directory
 
@@ -63,7 +63,7 @@ def deferred(every: int) -> str:
 def variants(benchmark: dict) -> dict[str, dict]:
     def gp(strength: float) -> dict:
         return {"defense.name": "gradient_projection", "defense.gradient_projection.concepts": benchmark["concepts"],
-                "defense.gradient_projection.lambda": strength}
+                "defense.gradient_projection.strength": strength}
 
     return {
         "none": {},
@@ -340,7 +340,7 @@ def kept_results(out: Path, args) -> dict[str, dict]:
     earlier = json.loads(out.read_text())
     if earlier.get("settings") != settings(args):
         sys.exit(f"--add: {out} was written with settings {earlier.get('settings')}, not {settings(args)}")
-    return variants(earlier)
+    return without_metadata(earlier)
 
 
 def baseline_of(name: str, results: dict) -> str:
@@ -379,7 +379,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
         results[name] = summary | {"runs": records}
     paired = ("allowed_accuracy", "heldout_loss", *(k for k in new_ink_metric(args) if k.startswith("heldout")))
     if "none" in results:
-        for name, summary in variants(results).items():
+        for name, summary in without_metadata(results).items():
             summary["baseline"] = baseline_of(name, results)
             none = results[summary["baseline"]]
             summary["step_time_ratio"] = summary["sec_per_step"] / none["sec_per_step"]
@@ -403,7 +403,7 @@ def write(runs: dict[str, list[dict]], overhead: dict[str, dict], out: Path, arg
              + " extraction with the sink added |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(new_ink) + 1)]
     nan = float("nan")
-    for name, r in variants(results).items():
+    for name, r in without_metadata(results).items():
         new_cells = "".join(f" {r.get(key, nan):.4f}" + (f" ({ratio_cell(r, key)})" if f"{key}_paired_ratio" in r else "") + " |"
                             for key in new_ink)
         lines.append(f"| {name} | {r['extraction_rate']:.3f} ± {r['extraction_rate_std']:.3f} | {r['base_rate']:.3f} "

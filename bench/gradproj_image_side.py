@@ -3,7 +3,7 @@
 The issue's optional image side would add, per layer, the directions by which *showing* the concept changes
 the layer's inputs. The stamp benchmark renders every stamped digit also without its stamp, so the change
 is measured exactly: each pair runs through the base model with the same noise, timestep and stamp-free
-caption, and every projectable layer's input difference is collected (as in concept_activations.py).
+caption, and every projectable layer's input difference is collected (as in gradient_projection/activation_basis.py).
 For each layer this reports, for bases holding a share of the change's energy, how many input dimensions
 they take and how much of the *allowed* input energy (the same images without the stamp) lies in them:
 what projecting off that basis would also freeze. A separable concept holds most of its change in

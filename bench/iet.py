@@ -18,7 +18,7 @@ from pathlib import Path
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
-from results_io import RESULTS, variants, write_results
+from results_io import RESULTS, without_metadata, write_results
 
 IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
 VARIANTS = {
@@ -93,7 +93,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if args.merge and out.is_file() else {}
-    runs: dict[str, list[dict]] = {n: list(v["runs"]) for n, v in variants(previous).items()}
+    runs: dict[str, list[dict]] = {n: list(v["runs"]) for n, v in without_metadata(previous).items()}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for name in names:
