@@ -10,19 +10,26 @@ from pathlib import Path
 QUALITY_FACTOR = 3.0
 
 
+def sibling_metrics(run_dir: Path) -> dict[str, dict]:
+    """{run name: metrics.json} of every evaluated run in the parent folder of `run_dir`, itself included;
+    a file that cannot be read is passed over."""
+    found = {}
+    for path in sorted(run_dir.parent.glob("*/metrics.json")):
+        try:
+            found[path.parent.name] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found
+
+
 def undefended_siblings(run_dir: Path, data_source: str, num_train_images: int | None) -> dict[str, float]:
     """{run name: FID} of the evaluated runs without a defense in the same parent folder, on the same data."""
     found = {}
-    for path in sorted(run_dir.parent.glob("*/metrics.json")):
-        if path.parent.resolve() == run_dir.resolve():
-            continue
-        try:
-            metrics = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
+    for name, metrics in sibling_metrics(run_dir).items():
         same_data = metrics.get("data_source") == data_source and metrics.get("num_train_images") == num_train_images
-        if same_data and metrics.get("defense", "none") == "none" and isinstance(metrics.get("fid"), (int, float)):
-            found[path.parent.name] = float(metrics["fid"])
+        undefended = metrics.get("defense", "none") == "none" and isinstance(metrics.get("fid"), (int, float))
+        if name != run_dir.name and same_data and undefended:
+            found[name] = float(metrics["fid"])
     return found
 
 

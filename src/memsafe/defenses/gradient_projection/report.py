@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from memsafe.report.document import Report
 from memsafe.report.figures import save_curve
+from memsafe.report.quality import sibling_metrics
 
 REMOVED = "gradient_projection/removed_grad_norm"
 
@@ -14,14 +14,13 @@ REMOVED = "gradient_projection/removed_grad_norm"
 def sibling_strength_curve(run_dir: Path) -> list[tuple[float, float]]:
     """(projection strength, extraction rate) of every evaluated run in the same parent folder that measured
     the concept: an undefended run counts as strength 0. Sorted by strength; one point per strength (the mean)."""
+    runs = sibling_metrics(run_dir)
+    source = runs.get(run_dir.name, {}).get("data_source")
     points: dict[float, list[float]] = {}
-    source = json.loads((run_dir / "metrics.json").read_text()).get("data_source")
-    for metrics_path in sorted(run_dir.parent.glob("*/metrics.json")):
-        metrics = json.loads(metrics_path.read_text())
+    for metrics in runs.values():
         if "extraction_rate" not in metrics or metrics.get("data_source") != source:
             continue
-        strength = metrics.get("projection_strength", 0.0)
-        points.setdefault(float(strength), []).append(metrics["extraction_rate"])
+        points.setdefault(float(metrics.get("projection_strength", 0.0)), []).append(metrics["extraction_rate"])
     return sorted((strength, sum(v) / len(v)) for strength, v in points.items())
 
 
