@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-# Keys of a results file that are not variants.
-METADATA = ("settings", "provenance")
+# Keys of a results file that are not variants: its settings and where it came from (`provenance`).
+METADATA = ("settings", "command", "git_commit", "uncommitted_changes", "date", "recorded")
 
 
 def provenance() -> dict:
@@ -27,14 +27,14 @@ def provenance() -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def variants(results: dict) -> dict:
+def without_metadata(results: dict) -> dict:
     """The results of a file without its metadata keys."""
     return {name: value for name, value in results.items() if name not in METADATA}
 
 
 def write_json(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results | {"provenance": provenance()}, indent=2) + "\n")
+    out.write_text(json.dumps(results | provenance(), indent=2) + "\n")
 
 
 def write_results(out: Path, results: dict, table: list[str], echo: bool = True) -> None:
