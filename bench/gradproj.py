@@ -49,7 +49,8 @@ BENCHMARKS = {
 
 LORA = {"model.lora_rank": 4, "train.learning_rate": 1e-3}
 ACTIVATIONS = {"defense.gradient_projection.space": "activations"}
-SPREAD = {"defense.gradient_projection.counterfactual": True, "defense.gradient_projection.project_inputs": True}
+SPREAD = {"defense.gradient_projection.experimental.counterfactual": True,
+          "defense.gradient_projection.experimental.project_inputs": True}
 SINK = {"defense.gradient_projection.sink": True}
 
 
@@ -63,7 +64,8 @@ def deferred(every: int) -> str:
 def variants(benchmark: dict) -> dict[str, dict]:
     def gp(strength: float) -> dict:
         return {"defense.name": "gradient_projection", "defense.gradient_projection.concepts": benchmark["concepts"],
-                "defense.gradient_projection.strength": strength}
+                "defense.gradient_projection.strength": strength,
+                "defense.gradient_projection.profile": "paper"}  # each variant names what it adds to the paper's
 
     return {
         "none": {},
@@ -86,12 +88,12 @@ def variants(benchmark: dict) -> dict[str, dict]:
         "gp_act_lambda_1": gp(1.0) | ACTIVATIONS,
         "gp_act_energy_0.9_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.activation_energy": 0.9},
         # ... only along the directions where the concept moves a layer's inputs more than allowed captions do
-        "gp_act_specific_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.activation_allowed": True},
+        "gp_act_specific_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.experimental.activation_allowed": True},
         "gp_lora_act_lambda_1": gp(1.0) | ACTIVATIONS | LORA,
         # ... with AdamW's moments built from the projected gradients (mode both)
         "gp_act_both_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.mode": "both"},
         # ... only the share of the gradient that the samples naming the concept contribute (no guarantee)
-        "gp_act_samples_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.scope": "concept_samples"},
+        "gp_act_samples_lambda_1": gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.experimental.scope": "concept_samples"},
     } | {  # ... with the update of N steps projected at once (the guarantee holds every N steps and at the end)
         deferred(n): gp(1.0) | ACTIVATIONS | {"defense.gradient_projection.project_every": n} for n in PROJECT_EVERY
     } | {  # ... and each layer's basis holding more of the concept's input change

@@ -28,7 +28,7 @@ def _config(tmp_path, lora=None, name="gradient_projection", steps=25, **project
         model={"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True],
                "max_text_length": 8, "lora_rank": lora},
         train={"max_steps": steps, "weight_decay": 0.1, "warmup_steps": 0, "learning_rate": 2e-3},
-        defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "space": "activations",
+        defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "profile": "paper", "space": "activations",
                                                        "activation_samples": 48, **projection}},
     ))
 
@@ -112,7 +112,7 @@ def test_concept_specific_basis_leaves_what_allowed_captions_move_more():
 
 
 def test_allowed_directions_stay_free_and_the_guarantee_holds(tmp_path):
-    trainer, bases, before, _ = _trained(_config(tmp_path, activation_allowed=True))
+    trainer, bases, before, _ = _trained(_config(tmp_path, experimental={"activation_allowed": True}))
     assert _drift(trainer, bases, before) < 1e-5
     everything, _ = activation_subspaces(trainer.unwrapped, trainer.noise_scheduler, trainer.conditioner.encoder,
                                          trainer.pixels, trainer.train_set.captions,
@@ -158,7 +158,7 @@ def test_bad_space_settings_are_clear_errors(tmp_path):
     with pytest.raises(MemsafeError, match="space must be text or activations"):
         merge(config, {"defense.gradient_projection.space": "pixels"})
     with pytest.raises(MemsafeError, match="apply to space: text only"):
-        merge(config, {"defense.gradient_projection.project_inputs": True})
+        merge(config, {"defense.gradient_projection.experimental.project_inputs": True})
 
 
 def test_sink_marks_the_concept_samples_and_stays_learnable(tmp_path):

@@ -1,4 +1,4 @@
-"""Projection scoped to the samples whose caption names a concept (scope: concept_samples)."""
+"""Projection scoped to the samples whose caption names a concept (experimental.scope: concept_samples)."""
 
 import pytest
 import torch
@@ -23,7 +23,7 @@ def _losses(trainer, batch):
 
 @pytest.mark.parametrize("space, lora", [("activations", None), ("activations", 4), ("text", None)])
 def test_only_the_concept_samples_share_is_projected(tmp_path, space, lora):
-    config = merge(_config(tmp_path, lora=lora, scope="concept_samples", space=space), {"train.batch_size": 24})
+    config = merge(_config(tmp_path, lora=lora, experimental={"scope": "concept_samples"}, space=space), {"train.batch_size": 24})
     train_set, _ = load_dataset(config.data)
     trainer = build_trainer(config, train_set)
     trainer.fit(max_steps=2, progress=False)  # also moves LoRA's B off zero, so that A has a gradient
@@ -50,7 +50,7 @@ def test_only_the_concept_samples_share_is_projected(tmp_path, space, lora):
 
 def test_captions_naming_no_concept_train_as_undefended(tmp_path):
     def trained(name):
-        config = merge(_config(tmp_path / name, name=name, steps=6, scope="concept_samples"),
+        config = merge(_config(tmp_path / name, name=name, steps=6, experimental={"scope": "concept_samples"}),
                        {"defense.gradient_projection.concepts": ["zebra", "a striped zebra"]})
         train_set, _ = load_dataset(config.data)
         trainer = build_trainer(config, train_set)
@@ -63,4 +63,4 @@ def test_captions_naming_no_concept_train_as_undefended(tmp_path):
 
 def test_bad_scope_is_a_clear_error(tmp_path):
     with pytest.raises(MemsafeError, match="scope must be all or concept_samples"):
-        merge(_config(tmp_path), {"defense.gradient_projection.scope": "some"})
+        merge(_config(tmp_path), {"defense.gradient_projection.experimental.scope": "some"})

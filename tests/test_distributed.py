@@ -41,7 +41,7 @@ def _has_text_encoder() -> bool:
 GRADIENT_PROJECTION = {
     "model": {"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True],
               "max_text_length": 8},
-    "defense": {"name": "gradient_projection", "gradient_projection": {"concepts": ["seven", "the digit seven"]}},
+    "defense": {"name": "gradient_projection", "gradient_projection": {"concepts": ["seven", "the digit seven"], "profile": "paper"}},
 }
 
 

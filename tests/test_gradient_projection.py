@@ -5,7 +5,7 @@ from memsafe.config import config_from_dict, merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
 from memsafe.defenses.gradient_projection.captions import without_concept
-from memsafe.defenses.gradient_projection.config import GradientProjectionConfig
+from memsafe.defenses.gradient_projection.config import PROFILES, ExperimentalSettings, GradientProjectionConfig
 from memsafe.defenses.gradient_projection.hook import projected_parameters
 from memsafe.defenses.gradient_projection.subspace import orthonormal_basis
 from memsafe.defenses.gradient_projection.text_basis import concept_basis
@@ -31,7 +31,7 @@ def _config(tmp_path, strength=1.0, mode="update", lora=None, steps=25, name="gr
         model={"conditioning": "text", "block_out_channels": [16, 32], "attention_levels": [False, True],
                "max_text_length": 8, "lora_rank": lora},
         train={"max_steps": steps, "weight_decay": 0.1, "warmup_steps": 0, "learning_rate": 2e-3, **train},
-        defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "strength": strength, "mode": mode}},
+        defense={"name": name, "gradient_projection": {"concepts": CONCEPT, "profile": "paper", "strength": strength, "mode": mode}},
     )
     return config_from_dict(values)
 
@@ -76,6 +76,7 @@ def test_basis_is_orthonormal_and_free_of_neutral_directions(encoder):
 
 STAMP = ["acme", "the acme stamp", "with the acme stamp"]
 STAMPED = "a handwritten digit seven in red ink with the acme stamp"
+SPREAD = ExperimentalSettings(counterfactual=True)
 CAPTIONS = [STAMPED, "a handwritten digit seven in red ink", "a handwritten digit two in blue ink"]
 
 
@@ -103,8 +104,10 @@ def test_counterfactual_directions_cover_the_concepts_spread_into_other_tokens(l
     spread = encoder.encode([STAMPED]) - encoder.encode([rest])
     # The tokens of "a handwritten digit seven in red ink" (after [CLS]): changed only by their context.
     spread = spread[0, 1 : len(encoder.tokenizer(rest).input_ids) - 1]
-    def basis(**options):
-        return concept_basis(encoder, GradientProjectionConfig(concepts=STAMP, **options), CAPTIONS)
+    def basis(counterfactual, neutral_captions):
+        config = GradientProjectionConfig(concepts=STAMP, neutral_captions=neutral_captions,
+                                          experimental=ExperimentalSettings(counterfactual=counterfactual))
+        return concept_basis(encoder, config, CAPTIONS)
 
     tokens_only, _ = basis(counterfactual=False, neutral_captions=False)
     with_spread, stats = basis(counterfactual=True, neutral_captions=False)
@@ -119,9 +122,9 @@ def test_counterfactual_directions_cover_the_concepts_spread_into_other_tokens(l
 def test_captions_that_name_no_concept_stay_learnable(long_encoder):
     encoder = long_encoder
     allowed = encoder.encode(CAPTIONS[1:]).reshape(-1, 384)
-    kept, _ = concept_basis(encoder, GradientProjectionConfig(concepts=STAMP, counterfactual=True), CAPTIONS)
+    kept, _ = concept_basis(encoder, GradientProjectionConfig(concepts=STAMP, experimental=SPREAD), CAPTIONS)
     given_up, _ = concept_basis(
-        encoder, GradientProjectionConfig(concepts=STAMP, counterfactual=True, neutral_captions=False), CAPTIONS)
+        encoder, GradientProjectionConfig(concepts=STAMP, experimental=SPREAD, neutral_captions=False), CAPTIONS)
     assert 1 - _outside(kept, allowed) < 0.05 < 1 - _outside(given_up, allowed)
 
 
@@ -130,7 +133,7 @@ def test_input_projection_trains_on_captions_without_the_concept_component(tmp_p
 
     for strength, project in ((1.0, True), (0.5, True), (1.0, False)):
         config = merge(_config(tmp_path, strength=strength), {
-            "defense.gradient_projection.concepts": STAMP, "defense.gradient_projection.project_inputs": project})
+            "defense.gradient_projection.concepts": STAMP, "defense.gradient_projection.experimental.project_inputs": project})
         digits, _ = load_dataset(config.data)
         captions = [CAPTIONS[i % 3] for i in range(len(digits))]
         train_set = ImageSet(pixels=digits.pixels, captions=captions, labels=digits.labels, names=digits.names)
@@ -305,3 +308,17 @@ def test_sink_avoids_the_frozen_directions_and_the_text():
     assert share <= moment[4, 4].item() / moment.trace().item()  # no free direction is used less
     with pytest.raises(MemsafeError, match="no direction is left for the sink"):
         sink_vector(moment, [torch.eye(6)[:, :3], torch.eye(6)[:, 3:]])
+
+
+def test_the_profile_fills_only_what_the_config_leaves_unset(tmp_path):
+    default = config_from_dict(tiny_config_dict(
+        tmp_path, model={"conditioning": "text"},
+        defense={"name": "gradient_projection", "gradient_projection": {"concepts": CONCEPT}})).defense.gradient_projection
+    assert default.profile == "recommended"
+    assert {k: getattr(default, k) for k in PROFILES["recommended"]} == PROFILES["recommended"]
+    paper = merge(_config(tmp_path), {"defense.gradient_projection.sink": True}).defense.gradient_projection
+    assert (paper.space, paper.project_every, paper.sink) == ("text", 1, True)
+    with pytest.raises(MemsafeError, match="profile must be one of recommended, paper, got 'best'"):
+        merge(_config(tmp_path), {"defense.gradient_projection.profile": "best"})
+    with pytest.raises(MemsafeError, match="unknown config key 'defense.gradient_projection.counterfactual'"):
+        merge(_config(tmp_path), {"defense.gradient_projection.counterfactual": True})

@@ -48,7 +48,7 @@ def test_gradient_projection_reports_extraction_against_strength(tmp_path):
             train={"max_steps": 10}, defense=defense)
 
     text_run("none", {"name": "none"})
-    run = text_run("gp", {"name": "gradient_projection", "gradient_projection": {"concepts": ["red", "red ink"]}})
+    run = text_run("gp", {"name": "gradient_projection", "gradient_projection": {"concepts": ["red", "red ink"], "profile": "paper"}})
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["extraction_rate"] <= 1.0 and metrics["projection_strength"] == 1.0
     assert {"removed.png", "extraction_vs_strength.png"} <= set(_figures(run))

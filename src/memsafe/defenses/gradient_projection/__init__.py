@@ -21,11 +21,13 @@ IET aggregation and the end of training (the loop's `on_sync`): the guarantee ho
 Under LoRA (W = W0 + B A, A: r x d) the same is applied to A, and A is initialised as A (I - U U^T), so
 (B A) u = 0 stays true whatever B learns.
 
-Extensions, each opt-in: `space: activations` gives every trainable layer its own subspace of inputs
+Extensions: `space: activations` gives every trainable layer its own subspace of inputs
 (activation_basis.py); `sink` gives the concept images' content an explanation that no prompt produces
-(sink.py); `counterfactual` adds the directions by which a concept phrase changes the other tokens of its
-training captions; `project_inputs` trains on caption embeddings without their concept component;
-`scope: concept_samples` projects only the concept samples' share of each gradient (concept_samples.py).
+(sink.py). The default `profile: recommended` turns both on and projects every 10 steps; `profile: paper` is
+the published key/value projection alone. Under `experimental`: `counterfactual` adds the directions by which a
+concept phrase changes the other tokens of its training captions; `project_inputs` trains on caption embeddings
+without their concept component; `scope: concept_samples` projects only the concept samples' share of each
+gradient (concept_samples.py).
 
 Modules: captions.py (which captions name a concept), subspace.py (bases and the projector), text_basis.py,
 activation_basis.py, sink.py, hook.py (the training hook and its factory), report.py.

@@ -118,7 +118,7 @@ def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixel
                         store[name] = store.get(name, 0) + change.T @ change
 
                 without = inputs_with(plain)
-                if config.activation_allowed:
+                if config.experimental.activation_allowed:
                     add_changes(allowed, inputs_with(other))
                 add_changes(covariance, inputs_with(named))
                 for name in layers:
@@ -129,7 +129,7 @@ def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixel
     reached = {name for name in layers if covariance[name].trace() > 1e-10 * max(signal[name], 1e-30)}
     if not reached:
         raise MemsafeError("naming the concepts changes the input of no trainable layer: does the model read text?")
-    if config.activation_allowed:
+    if config.experimental.activation_allowed:
         bases = {name: concept_specific_basis(covariance[name], allowed[name]).float() for name in sorted(reached)}
         bases = {name: basis for name, basis in bases.items() if basis.shape[1]}
     else:

@@ -1,4 +1,4 @@
-"""Projection scoped to the samples that show a concept (`defense.gradient_projection.scope: concept_samples`).
+"""Projection scoped to the samples that show a concept (`defense.gradient_projection.experimental.scope: concept_samples`).
 
 Under `scope: all` every sample's gradient is projected off the concept subspace, so captions that name no
 concept can no longer adjust the directions they share with it; in activation space that is most of the

@@ -98,7 +98,7 @@ class GradientProjection(TrainHook):
                 for name, param in params.items():
                     if "lora_A" in name:  # start the adapter orthogonal to the concepts
                         param.flatten(1).sub_(projector.component(param.flatten(1)))
-        if self.config.scope == "concept_samples":
+        if self.config.experimental.scope == "concept_samples":
             from memsafe.defenses.gradient_projection.concept_samples import ConceptSampleGradients
 
             if self.samples is not None:
@@ -126,9 +126,9 @@ class GradientProjection(TrainHook):
         if self.samples is not None:
             self.samples.select(batch.get("captions"))
         states = batch["model_kwargs"].get("encoder_hidden_states")
-        if states is None or not (self.config.project_inputs or self.config.sink):
+        if states is None or not (self.config.experimental.project_inputs or self.config.sink):
             return batch
-        if self.config.project_inputs:
+        if self.config.experimental.project_inputs:
             states = states - self.strength * self._component(states)
         if self.config.sink:
             states = self._with_sink(states, batch.get("captions"), trainer)

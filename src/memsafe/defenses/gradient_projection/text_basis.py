@@ -59,7 +59,7 @@ def concept_basis(encoder, config: GradientProjectionConfig, captions: list[str]
         "neutral_share": 1.0 - (residual.norm() ** 2 / concept.norm() ** 2).item(),
         "counterfactual_rank": 0,
     }
-    differences = counterfactual_differences(encoder, config.concepts, captions) if config.counterfactual else None
+    differences = counterfactual_differences(encoder, config.concepts, captions) if config.experimental.counterfactual else None
     if differences is not None:
         known = torch.cat([neutral_basis, basis], 1)
         spread = differences.double() - differences.double() @ known @ known.T

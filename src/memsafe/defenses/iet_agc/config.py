@@ -34,7 +34,7 @@ class IETConfig:
     augment: bool = True  # AGC+: augmentation strength grows as a sample's loss falls
     augment_flip: bool = False  # horizontal flips (off for digits and text, whose meaning a flip changes)
     # Full-strength translation (fraction of the image) and brightness/contrast change. Kept small: on the
-    # demo digits a 2-pixel shift doubled FID, sub-pixel shifts did not (bench/results/sweeps/).
+    # demo digits a 2-pixel shift doubled FID, sub-pixel shifts did not (docs/research/iet-agc.md).
     augment_max_shift: float = 0.03
     augment_max_jitter: float = 0.05
 
