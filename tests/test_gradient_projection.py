@@ -318,6 +318,9 @@ def test_the_profile_fills_only_what_the_config_leaves_unset(tmp_path):
     assert {k: getattr(default, k) for k in PROFILES["recommended"]} == PROFILES["recommended"]
     paper = merge(_config(tmp_path), {"defense.gradient_projection.sink": True}).defense.gradient_projection
     assert (paper.space, paper.project_every, paper.sink) == ("text", 1, True)
+    back = merge(merge(_config(tmp_path), {"defense.gradient_projection.profile": "recommended"}),
+                 {"defense.gradient_projection.profile": "paper", "defense.gradient_projection.sink": True})
+    assert (back.defense.gradient_projection.space, back.defense.gradient_projection.sink) == ("text", True)
     with pytest.raises(MemsafeError, match="profile must be one of recommended, paper, got 'best'"):
         merge(_config(tmp_path), {"defense.gradient_projection.profile": "best"})
     with pytest.raises(MemsafeError, match="unknown config key 'defense.gradient_projection.counterfactual'"):

@@ -174,8 +174,17 @@ def load_config(path: str | Path) -> RunConfig:
     return config_from_dict(values)
 
 
+def _section_class(parents: list[str]) -> type | None:
+    cls: Any = RunConfig
+    for key in parents:
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        cls = hints.get(key)
+    return cls if dataclasses.is_dataclass(cls) else None
+
+
 def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """A new config with dotted-key overrides applied, e.g. {"train.max_steps": 10}."""
+    """A new config with dotted-key overrides applied, e.g. {"train.max_steps": 10}. A `profile` set here
+    (a section whose class has PROFILES) fills again the keys it controls that these overrides leave unset."""
     values = config.to_dict()
     for dotted, value in overrides.items():
         node = values
@@ -183,6 +192,12 @@ def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         for key in parents:
             node = node.setdefault(key, {})
         node[leaf] = value
+        profiles = getattr(_section_class(parents), "PROFILES", {})
+        if leaf == "profile" and value in profiles:
+            prefix = ".".join(parents)
+            for key in profiles[value]:
+                if f"{prefix}.{key}" not in overrides:
+                    node.pop(key, None)
     return config_from_dict(values)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from memsafe.errors import MemsafeError
 
@@ -72,6 +72,7 @@ class GradientProjectionConfig:
     sink: bool | None = None
     sink_scale: float = 1.0  # the sink's norm, in RMS norms of the text tokens
     experimental: ExperimentalSettings = field(default_factory=ExperimentalSettings)
+    PROFILES: ClassVar[dict[str, dict]] = PROFILES
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
