@@ -28,17 +28,21 @@ class DataConfig:
     thin_text: dict[str, float] = field(default_factory=dict)
     thin_except_text: list[str] = field(default_factory=list)  # ... sparing those whose caption has any of these
     seed: int = 0
+    latent_cache: str | None = None  # folder of VAE latent caches (pipeline runs); None: $MEMSAFE_CACHE/latents
 
 
 @dataclass
 class ModelConfig:
-    pretrained: str | None = None  # a local diffusers directory (model_index.json + unet/, or a UNet folder)
+    # A local diffusers directory: a Stable Diffusion pipeline folder (trained in its VAE's latent space, with its
+    # own tokenizer and text encoder), a memsafe run's model/ (model_index.json + unet/), or a UNet folder.
+    pretrained: str | None = None
     conditioning: str = "none"  # "none" (UNet2DModel) or "text" (UNet2DConditionModel + frozen text encoder)
     text_encoder: str = "builtin:minilm"  # or a local directory (Stable Diffusion's text_encoder/ + tokenizer/)
     max_text_length: int = 16
     lora_rank: int | None = None  # None: full fine-tuning; else a peft LoRA adapter of this rank on the UNet
     lora_alpha: float | None = None  # None: equal to the rank (scale 1)
     lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
+    lora_merged: bool = False  # pipeline runs under LoRA: also write the merged pipeline to model/merged/
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 1
     attention_levels: list[bool] = field(default_factory=lambda: [False, False, True])
@@ -57,6 +61,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0
     caption_dropout: float = 0.1  # share of captions replaced by "" (text runs), for classifier-free guidance
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting (5.0 is usual); None: every timestep weighs 1
     ema: bool = False
     ema_decay: float = 0.999
     mixed_precision: str = "no"  # "no", "fp16", "bf16" (accelerate)
@@ -201,7 +206,22 @@ def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     return config_from_dict(values)
 
 
+def adopt_pipeline(config: RunConfig) -> None:
+    """A Stable Diffusion folder as model.pretrained fixes what the model reads: captions through its own
+    tokenizer (padded to its length) and text encoder, RGB images."""
+    from memsafe.models.pipeline import check_pipeline, pipeline_index
+
+    if pipeline_index(config.model.pretrained) is None:
+        return
+    facts = check_pipeline(config.model.pretrained, config.data.resolution)
+    config.model.conditioning = "text"
+    config.model.text_encoder = config.model.pretrained
+    config.model.max_text_length = facts["max_text_length"]
+    config.data.channels = 3
+
+
 def validate(config: RunConfig) -> None:
+    adopt_pipeline(config)
     data, model, train = config.data, config.model, config.train
     levels = len(model.block_out_channels)
     if levels < 1:
@@ -233,6 +253,8 @@ def validate(config: RunConfig) -> None:
             raise MemsafeError(f"train.{key} must be positive, got {getattr(train, key)}")
     if model.lora_rank is not None and model.lora_rank < 1:
         raise MemsafeError(f"model.lora_rank must be at least 1, got {model.lora_rank}")
+    if train.snr_gamma is not None and train.snr_gamma <= 0:
+        raise MemsafeError(f"train.snr_gamma must be positive, got {train.snr_gamma}")
     if config.eval.num_samples <= 0:
         raise MemsafeError(f"eval.num_samples must be positive, got {config.eval.num_samples}")
     for defense in selected(config.defense.names):

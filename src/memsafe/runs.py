@@ -130,15 +130,21 @@ def _train_held(config: RunConfig, trainer, run_dir: Path, progress: bool) -> No
 
 
 def save_pipeline(unet: torch.nn.Module, trainer, path: Path) -> None:
-    """unet/ and scheduler/ in diffusers layout; for unconditional runs a loadable DDPMPipeline."""
+    """unet/ and scheduler/ in diffusers layout; for unconditional runs a loadable DDPMPipeline; for pipeline
+    runs a StableDiffusionPipeline folder or LoRA weights (models/pipeline.py)."""
     from memsafe.models.lora import has_lora, merged_copy
+    from memsafe.models.pipeline import pipeline_index, save_latent_model
 
-    if has_lora(unet):
+    model = trainer.config.model
+    latent = pipeline_index(model.pretrained) is not None
+    if has_lora(unet) and not latent:
         unet = merged_copy(unet)
     tmp = path.with_name(f".tmp-{path.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if trainer.conditioner is None:
+        if latent:
+            save_latent_model(unet, model.pretrained, tmp, merged=model.lora_merged)
+        elif trainer.conditioner is None:
             DDPMPipeline(unet=unet, scheduler=trainer.noise_scheduler).save_pretrained(tmp)
         else:
             unet.save_pretrained(tmp / "unet")
@@ -155,7 +161,17 @@ def load_run_unet(run_dir: Path, config: RunConfig) -> torch.nn.Module:
     if status["status"] != "complete":
         raise MemsafeError(f"run {run_dir} is not complete (status: {status['status']}); train it first")
     folder = run_dir / ("model_ema" if config.eval.use_ema and (run_dir / "model_ema").is_dir() else "model")
+    if latent_pipeline(config):
+        from memsafe.models.pipeline import load_latent_unet
+
+        return load_latent_unet(folder, config.model.pretrained)
     return unet_class(config.model).from_pretrained(folder / "unet", local_files_only=True).eval()
+
+
+def latent_pipeline(config: RunConfig) -> bool:
+    from memsafe.models.pipeline import pipeline_index
+
+    return pipeline_index(config.model.pretrained) is not None
 
 
 def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress: bool = False,
@@ -169,6 +185,11 @@ def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress
     encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
     noise_scheduler = build_noise_scheduler(config.model)
     uncond = encoder.encode([""])
+    codec = None
+    if latent_pipeline(config):
+        from memsafe.models.pipeline import LatentCodec
+
+        codec = LatentCodec(config.model.pretrained)
 
     def embed(prompts: list[str]) -> torch.Tensor:
         states = encoder.encode(prompts)
@@ -177,7 +198,7 @@ def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress
         return states
 
     def sample(prompts: list[str]) -> torch.Tensor:
-        return generate(
+        samples = generate(
             unet,
             noise_scheduler,
             len(prompts),
@@ -188,7 +209,10 @@ def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress
             encoder_hidden_states=embed(prompts),
             uncond_hidden_states=uncond,
             guidance_scale=config.eval.guidance_scale,
+            size=None if codec is None else config.data.resolution // codec.factor,
+            clamp=codec is None,
         )
+        return samples if codec is None else codec.decode(samples)
 
     return sample
 

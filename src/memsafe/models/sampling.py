@@ -30,15 +30,20 @@ def generate(
     encoder_hidden_states: torch.Tensor | None = None,
     uncond_hidden_states: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
+    size: int | None = None,
+    clamp: bool = True,
 ) -> torch.Tensor:
     """`num_images` samples in model range [-1, 1]; the same seed gives the same images.
 
     For a text-conditional UNet pass one row of `encoder_hidden_states` per image, and the empty
-    prompt's embedding (1, L, d) as `uncond_hidden_states` for classifier-free guidance."""
+    prompt's embedding (1, L, d) as `uncond_hidden_states` for classifier-free guidance. `size`: the side of
+    what is sampled (latents of a pipeline run), when it differs from the UNet's `sample_size`; latents are
+    returned unclamped (`clamp=False`)."""
     scheduler = DDIMScheduler.from_config(noise_scheduler.config)
     scheduler.set_timesteps(steps)
     unet = unet.to(device).eval()
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    side = size or unet.config.sample_size
+    shape = (unet.config.in_channels, side, side)
     generator = torch.Generator().manual_seed(seed)
     batches = []
     bar = progress_bar(total=num_images * steps, desc="sampling", unit="step", disable=not progress, leave=False)
@@ -51,6 +56,6 @@ def generate(
             noise_pred = _predict_noise(unet, images, t, cond, uncond, guidance_scale)
             images = scheduler.step(noise_pred, t, images, eta=0.0).prev_sample
             bar.update(count)
-        batches.append(images.clamp(-1, 1).cpu())
+        batches.append((images.clamp(-1, 1) if clamp else images).cpu())
     bar.close()
     return torch.cat(batches)

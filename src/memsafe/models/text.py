@@ -51,6 +51,9 @@ class TextEncoder:
         except (OSError, ValueError) as exc:
             raise MemsafeError(f"cannot load text encoder from {directory}: {exc}") from exc
         self.model.eval().requires_grad_(False)
+        # Stable Diffusion's pipelines give CLIP no attention mask unless its config asks for one.
+        config = self.model.config
+        self.use_mask = config.model_type != "clip_text_model" or bool(getattr(config, "use_attention_mask", False))
         self.max_length = max_length
         self.source = source
 
@@ -70,7 +73,8 @@ class TextEncoder:
                 max_length=self.max_length,
                 return_tensors="pt",
             )
-            chunks.append(self.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state)
+            mask = tokens.attention_mask if self.use_mask else None
+            chunks.append(self.model(input_ids=tokens.input_ids, attention_mask=mask).last_hidden_state)
         return torch.cat(chunks).float()
 
     def encode_unique(self, prompts: list[str]) -> torch.Tensor:

@@ -65,7 +65,10 @@ def load_pretrained_unet(
         raise MemsafeError(
             f"pretrained UNet at {folder} reads {expected}-d text embeddings, the text encoder gives {cross_attention_dim}-d"
         )
-    if unet.config.in_channels != data.channels or unet.config.sample_size != data.resolution:
+    from memsafe.models.pipeline import pipeline_index
+
+    latent = pipeline_index(path) is not None  # channels and sizes checked against its VAE (models/pipeline.py)
+    if not latent and (unet.config.in_channels != data.channels or unet.config.sample_size != data.resolution):
         raise MemsafeError(
             f"pretrained UNet at {folder} takes {unet.config.in_channels}x{unet.config.sample_size}px images, "
             f"data gives {data.channels}x{data.resolution}px"

@@ -44,6 +44,17 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
+def model_inputs(config: RunConfig, train_set: ImageSet) -> torch.Tensor:
+    """What the denoiser learns to produce: images in [-1, 1], or a pipeline's cached VAE latents."""
+    from memsafe.models.pipeline import pipeline_index
+
+    if pipeline_index(config.model.pretrained) is None:
+        return train_set.as_model_input()
+    from memsafe.data.latent_cache import cached_latents
+
+    return cached_latents(train_set.pixels, config.model.pretrained, cache_dir=config.data.latent_cache)
+
+
 class Trainer:
     """Owns the model, optimizer, EMA, data order and hooks of one training run."""
 
@@ -97,7 +108,7 @@ class Trainer:
         self.ema = EMAModel(self.unwrapped.parameters(), decay=train.ema_decay) if train.ema else None
         self.use_subset(torch.arange(len(train_set)), seed=train.seed)
         self.hooks = HookList(hooks)
-        self.pixels = train_set.as_model_input()
+        self.pixels = model_inputs(config, train_set)
         self.step = 0
         self.last_log: dict[str, float] = {}
 
@@ -184,7 +195,7 @@ class Trainer:
         with self.accelerator.autocast():
             losses, _ = per_sample_diffusion_loss(
                 self.unet, self.noise_scheduler, batch["pixels"], batch["noise"], batch["timesteps"],
-                **batch["model_kwargs"],
+                snr_gamma=self.config.train.snr_gamma, **batch["model_kwargs"],
             )
         if not torch.isfinite(losses).all():
             raise MemsafeError(
