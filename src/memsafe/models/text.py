@@ -77,6 +77,11 @@ class TextEncoder:
             chunks.append(self.model(input_ids=tokens.input_ids, attention_mask=mask).last_hidden_state)
         return torch.cat(chunks).float()
 
+    def token_counts(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt itself, special tokens included, before padding."""
+        ids = self.tokenizer(list(prompts), truncation=True, max_length=self.max_length).input_ids
+        return [len(row) for row in ids]
+
     def encode_unique(self, prompts: list[str]) -> torch.Tensor:
         """Like `encode`, embedding each distinct prompt once (datasets repeat captions)."""
         unique = sorted(set(prompts))

@@ -109,6 +109,7 @@ class Trainer:
         self.use_subset(torch.arange(len(train_set)), seed=train.seed)
         self.hooks = HookList(hooks)
         self.pixels = model_inputs(config, train_set)
+        self.latent = self.pixels.shape[1:] != train_set.pixels.shape[1:]  # VAE latents, not images
         self.step = 0
         self.last_log: dict[str, float] = {}
 

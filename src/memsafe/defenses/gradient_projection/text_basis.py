@@ -11,8 +11,14 @@ from memsafe.errors import MemsafeError
 
 
 def token_embeddings(encoder, prompts: list[str]) -> torch.Tensor:
-    """Every token position of every prompt as a row: what cross-attention keys and values read."""
-    return encoder.encode(prompts).reshape(-1, encoder.dim)
+    """Every token position of every prompt as a row: what cross-attention keys and values read. Under an
+    encoder that pads without a mask (CLIP in Stable Diffusion, 77 positions) only each prompt's own tokens,
+    start to end token: the padding repeats the end token at every further position, and a handful of neutral
+    prompts would otherwise span the whole embedding space."""
+    states = encoder.encode(prompts)
+    if getattr(encoder, "use_mask", True):
+        return states.reshape(-1, encoder.dim)
+    return torch.cat([row[:length] for row, length in zip(states, encoder.token_counts(prompts))])
 
 
 def counterfactual_differences(encoder, phrases: list[str], captions: list[str] | None, limit: int = 512):

