@@ -38,7 +38,7 @@ def augment_latents(
         x = latents[i : i + 1]
         if dx or dy:
             pad = (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0))
-            x = F.pad(x, pad, mode="replicate")[..., pad[2] : pad[2] + side, pad[0] : pad[0] + side]
+            x = F.pad(x, pad, mode="replicate")[..., pad[3] : pad[3] + side, pad[1] : pad[1] + side]
         if config.augment_flip and draws[i, 2].item() < 0.5 * strength[i].item():
             x = x.flip(-1)
         out[i] = x[0]
