@@ -25,6 +25,7 @@ from memsafe.data import ImageSet, load_dataset, load_images
 from memsafe.defenses import build_trainer, selected
 from memsafe.errors import MemsafeError
 from memsafe.metrics.evaluate import Evaluation, evaluate_samples
+from memsafe.models.pipeline import is_latent_pipeline
 from memsafe.models.sampling import generate
 from memsafe.models.unet import build_noise_scheduler, unet_class
 from memsafe.report.document import write_run_report
@@ -133,10 +134,10 @@ def save_pipeline(unet: torch.nn.Module, trainer, path: Path) -> None:
     """unet/ and scheduler/ in diffusers layout; for unconditional runs a loadable DDPMPipeline; for pipeline
     runs a StableDiffusionPipeline folder or LoRA weights (models/pipeline.py)."""
     from memsafe.models.lora import has_lora, merged_copy
-    from memsafe.models.pipeline import pipeline_index, save_latent_model
+    from memsafe.models.pipeline import save_latent_model
 
     model = trainer.config.model
-    latent = pipeline_index(model.pretrained) is not None
+    latent = is_latent_pipeline(model)
     if has_lora(unet) and not latent:
         unet = merged_copy(unet)
     tmp = path.with_name(f".tmp-{path.name}")
@@ -161,17 +162,12 @@ def load_run_unet(run_dir: Path, config: RunConfig) -> torch.nn.Module:
     if status["status"] != "complete":
         raise MemsafeError(f"run {run_dir} is not complete (status: {status['status']}); train it first")
     folder = run_dir / ("model_ema" if config.eval.use_ema and (run_dir / "model_ema").is_dir() else "model")
-    if latent_pipeline(config):
+    if is_latent_pipeline(config.model):
         from memsafe.models.pipeline import load_latent_unet
 
         return load_latent_unet(folder, config.model.pretrained)
     return unet_class(config.model).from_pretrained(folder / "unet", local_files_only=True).eval()
 
-
-def latent_pipeline(config: RunConfig) -> bool:
-    from memsafe.models.pipeline import pipeline_index
-
-    return pipeline_index(config.model.pretrained) is not None
 
 
 def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress: bool = False,
@@ -186,7 +182,7 @@ def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress
     noise_scheduler = build_noise_scheduler(config.model)
     uncond = encoder.encode([""])
     codec = None
-    if latent_pipeline(config):
+    if is_latent_pipeline(config.model):
         from memsafe.models.pipeline import LatentCodec
 
         codec = LatentCodec(config.model.pretrained)

@@ -33,6 +33,11 @@ def pipeline_index(path: str | Path | None) -> dict | None:
     return values if "vae" in values or "text_encoder_2" in values else None
 
 
+def is_latent_pipeline(model) -> bool:
+    """Whether `model.pretrained` (a ModelConfig) is a latent pipeline folder."""
+    return pipeline_index(model.pretrained) is not None
+
+
 def _component_config(folder: Path, name: str) -> dict:
     path = folder / name / ("tokenizer_config.json" if name == "tokenizer" else
                             "scheduler_config.json" if name == "scheduler" else "config.json")

@@ -19,6 +19,7 @@ from diffusers.training_utils import EMAModel
 from memsafe.config import RunConfig
 from memsafe.data.images import ImageSet
 from memsafe.errors import MemsafeError
+from memsafe.models.pipeline import is_latent_pipeline
 from memsafe.models.unet import build_noise_scheduler, build_unet
 from memsafe.train.hooks import HookList, TrainHook
 from memsafe.train.loss import draw_noise, per_sample_diffusion_loss, weighted_mean
@@ -46,9 +47,7 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
 
 def model_inputs(config: RunConfig, train_set: ImageSet) -> torch.Tensor:
     """What the denoiser learns to produce: images in [-1, 1], or a pipeline's cached VAE latents."""
-    from memsafe.models.pipeline import pipeline_index
-
-    if pipeline_index(config.model.pretrained) is None:
+    if not is_latent_pipeline(config.model):
         return train_set.as_model_input()
     from memsafe.data.latent_cache import cached_latents
 
@@ -109,7 +108,7 @@ class Trainer:
         self.use_subset(torch.arange(len(train_set)), seed=train.seed)
         self.hooks = HookList(hooks)
         self.pixels = model_inputs(config, train_set)
-        self.latent = self.pixels.shape[1:] != train_set.pixels.shape[1:]  # VAE latents, not images
+        self.latent = is_latent_pipeline(config.model)  # self.pixels are VAE latents, not images
         self.step = 0
         self.last_log: dict[str, float] = {}
 
