@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from memsafe.train.checkpoint import list_checkpoints
 from tests.conftest import tiny_config_dict
+from tests.sd_parts import has_clip_vocabulary, sd_config_dict, write_squares
 
 CHECKPOINT_FILES = ["model.safetensors", "optimizer.pt", "trainer_state.json", "rng.safetensors", "hooks.safetensors",
                     "hooks.json"]
@@ -36,19 +37,42 @@ def _logged_steps(run_dir) -> list[int]:
 
 
 def _final_weights(run_dir):
-    return load_file(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    lora = run_dir / "model" / "pytorch_lora_weights.safetensors"
+    return load_file(lora if lora.is_file() else run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-@pytest.mark.parametrize(
-    "defense", [{}, {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 10}}], ids=["plain", "iet_agc"]
-)
-def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, defense):
+def _digits(tmp_path, name, sections):
+    return tiny_config_dict(tmp_path / name, **sections)
+
+
+def _stable_diffusion(tmp_path, name, sections):
+    """A LoRA run of the tiny pipeline: adapter-only checkpoints and, under IET-AGC+, adapter proxies."""
+    from memsafe.models.random_pipeline import build_random_pipeline
+
+    if not (tmp_path / "sd").is_dir():
+        build_random_pipeline(tmp_path / "sd")
+        write_squares(tmp_path / "data")
+    sections = {**sections, "train": {**sections["train"], "batch_size": 8}, "model": {"lora_rank": 4}}
+    return sd_config_dict(tmp_path / name, tmp_path / "sd", tmp_path / "data", tmp_path / "latents", **sections)
+
+
+IET = {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 10}}
+CASES = {
+    "plain": (_digits, {}),
+    "iet_agc": (_digits, IET),
+    "sd_lora_iet_agc": pytest.param(_stable_diffusion, IET, marks=pytest.mark.skipif(
+        not has_clip_vocabulary(), reason="the CLIP vocabulary needs clip-anytorch")),
+}
+
+
+@pytest.mark.parametrize("make, defense", list(CASES.values()), ids=list(CASES))
+def test_sigkill_then_resume_reaches_the_uninterrupted_result(tmp_path, make, defense):
     every = 20
     sections = {"train": {"max_steps": 160, "checkpoint_every": every, "log_every": 5}, "defense": defense}
     commands = {}
     for name in ("killed", "straight"):
         path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / name, **sections)))
+        path.write_text(yaml.safe_dump(make(tmp_path, name, sections)))
         commands[name] = [sys.executable, "-m", "memsafe.cli", "train", "--config", str(path), "--no-progress"]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     run_dir = tmp_path / "killed"

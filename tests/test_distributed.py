@@ -10,11 +10,16 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import tiny_config_dict
+from tests.sd_parts import has_clip_vocabulary, sd_config_dict, write_squares
 
 
 def _train(tmp_path, name: str, processes: int, **sections) -> dict:
-    """Trains the tiny config with `processes` gloo processes; returns the final UNet weights."""
-    config = tiny_config_dict(tmp_path / name, **sections)
+    """Trains the tiny config (a tiny pipeline's when `sections` has "pipeline") with `processes` gloo
+    processes; returns the final UNet (or LoRA) weights."""
+    if sections.pop("pipeline", None):
+        config = _pipeline_config(tmp_path, name, sections)
+    else:
+        config = tiny_config_dict(tmp_path / name, **sections)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -24,8 +29,18 @@ def _train(tmp_path, name: str, processes: int, **sections) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     status = json.loads((tmp_path / name / "status.json").read_text())
     assert status["status"] == "complete" and status["processes"] == processes
+    lora = tmp_path / name / "model" / "pytorch_lora_weights.safetensors"
     folder = tmp_path / name / "model" / "unet"
-    return load_file(next(folder.glob("*.safetensors")))
+    return load_file(lora if lora.is_file() else next(folder.glob("*.safetensors")))
+
+
+def _pipeline_config(tmp_path, name: str, sections: dict) -> dict:
+    from memsafe.models.random_pipeline import build_random_pipeline
+
+    if not (tmp_path / "sd").is_dir():
+        build_random_pipeline(tmp_path / "sd")
+        write_squares(tmp_path / "data")
+    return sd_config_dict(tmp_path / name, tmp_path / "sd", tmp_path / "data", tmp_path / "latents", **sections)
 
 
 def _largest_difference(a: dict, b: dict) -> float:
@@ -45,14 +60,23 @@ GRADIENT_PROJECTION = {
 }
 
 
+# Pipeline runs under LoRA: data-parallel, and IET-AGC+'s adapter proxies (shard k trained by process k % 2,
+# adapters all-reduced).
+SD_LORA = {"pipeline": True, "model": {"lora_rank": 4}}
+SD_LORA_IET = {"pipeline": True, "model": {"lora_rank": 4},
+               "defense": {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 2}}}
+
+
 @pytest.mark.parametrize(
     "sections",
     [
         {},
         {"defense": {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 2}}},
         pytest.param(GRADIENT_PROJECTION, marks=pytest.mark.skipif(not _has_text_encoder(), reason="no MiniLM")),
+        pytest.param(SD_LORA, marks=pytest.mark.skipif(not has_clip_vocabulary(), reason="no CLIP vocabulary")),
+        pytest.param(SD_LORA_IET, marks=pytest.mark.skipif(not has_clip_vocabulary(), reason="no CLIP vocabulary")),
     ],
-    ids=["plain", "iet_agc", "gradient_projection"],
+    ids=["plain", "iet_agc", "gradient_projection", "sd_lora", "sd_lora_iet_agc"],
 )
 def test_two_gloo_processes_match_one(tmp_path, sections):
     sections = {"train": {"max_steps": 20, "checkpoint_every": 10}} | sections

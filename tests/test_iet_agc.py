@@ -169,28 +169,37 @@ def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message
     assert not (tmp_path / "run").exists()
 
 
-def test_lora_adapters_are_what_proxies_learn_and_aggregate(tiny_config):
+def test_lora_proxies_are_adapters_over_one_base_that_aggregate(tiny_config):
     pytest.importorskip("peft")
     config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 2,
                                  "defense.iet_agc.local_steps": 3, "model.lora_rank": 2, "train.max_steps": 30,
                                  "model.lora_targets": ["to_k", "to_v"]})
     train_set, _ = load_dataset(config.data)
     trainer = IETTrainer(config, train_set)
-    base = {k: v.clone() for k, v in trainer.global_trainer.unwrapped.state_dict().items() if "lora_" not in k}
+    model = trainer.global_trainer.unwrapped
+    assert all(proxy.unwrapped is model for proxy in trainer.proxies)  # K adapters, one UNet
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".lora_" in n for n in names)
+    base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     for k, proxy in enumerate(trainer.proxies):
+        trainer.activate(k)
         proxy.use_subset(trainer.shard_members(k), seed=k)
         for _ in range(3):
             proxy.train_step()
-    adapters = [{k: v.clone() for k, v in p.unwrapped.state_dict().items() if "lora_B" in k} for p in trainer.proxies]
-    assert adapters[0] and any(not torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+    adapters = [[t.clone() for t in trainer.weights(k)] for k in range(2)]
+    assert any(not torch.equal(a, b) for a, b in zip(*adapters))
+    trainer.activate(0)  # the model now holds proxy 0's adapter, proxy 1's waits
+    live = dict(model.named_parameters())
+    assert all(torch.equal(live[n], a) for n, a in zip(names, adapters[0]))
     trainer.aggregate()
-    merged = trainer.global_trainer.unwrapped.state_dict()
     sizes = [len(trainer.shard_members(k)) for k in range(2)]
-    for key in adapters[0]:
-        expected = (adapters[0][key] * sizes[0] + adapters[1][key] * sizes[1]) / sum(sizes)
-        assert torch.allclose(merged[key], expected, atol=1e-7)
-    for key, value in base.items():  # the frozen base model is untouched
-        assert torch.equal(merged[key], value), key
+    for name, a, b in zip(names, *adapters):
+        expected = (a * sizes[0] + b * sizes[1]) / sum(sizes)
+        assert torch.allclose(live[name], expected, atol=1e-7)
+        assert torch.allclose(trainer.weights(1)[names.index(name)], expected, atol=1e-7)
+    for key, value in model.state_dict().items():  # the frozen base model is untouched
+        if key in base:
+            assert torch.equal(value, base[key]), key
 
 
 def test_agc_ratio_defaults_follow_the_reference_code(tiny_config, tmp_path):

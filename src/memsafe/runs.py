@@ -232,6 +232,40 @@ def run_heldout_loss(run_dir: Path, images: ImageSet) -> torch.Tensor:
                                   images.as_model_input(), images.captions)
 
 
+def model_space(config: RunConfig, images: ImageSet) -> torch.Tensor:
+    """What the run's UNet denoises: the images in [-1, 1], or their VAE latents for a pipeline run."""
+    pixels = images.as_model_input()
+    if not is_latent_pipeline(config.model):
+        return pixels
+    from memsafe.models.pipeline import LatentCodec
+
+    codec = LatentCodec(config.model.pretrained)
+    return torch.cat([codec.encode(chunk) for chunk in pixels.split(16)])
+
+
+def run_membership(run_dir: Path, config: RunConfig, train_set: ImageSet, holdout: ImageSet) -> dict[str, Any]:
+    """The loss membership-inference attack (metrics/membership.py) of a finished run: as many training as
+    held-out images, the i-th of each noised alike, under their own captions in a text run."""
+    from memsafe.metrics.membership import attack_losses, balanced_sets, loss_attack
+
+    if not config.eval.membership or len(holdout) < 2:
+        return {}
+    member_indices, nonmember_indices = balanced_sets(len(train_set), len(holdout), config.eval.seed)
+    unet = load_run_unet(run_dir, config)
+    noise_scheduler = build_noise_scheduler(config.model)
+    encoder = None
+    if config.model.conditioning == "text":
+        from memsafe.models.text import TextEncoder
+
+        encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+
+    def losses(images: ImageSet) -> torch.Tensor:
+        hidden = encoder.encode_unique(images.captions) if encoder is not None else None
+        return attack_losses(unet, noise_scheduler, model_space(config, images), hidden, seed=config.eval.seed)
+
+    return loss_attack(losses(train_set.subset(member_indices)), losses(holdout.subset(nonmember_indices)))
+
+
 def draw_prompts(config: RunConfig, num_images: int, seed: int, prompts: list[str] | None = None) -> list[str]:
     """The prompt of each generation of a text run: `prompts` cycled over `num_images`, or training captions
     drawn with `seed`."""
@@ -301,7 +335,8 @@ def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluati
     write_samples(samples, run_dir / "samples", config.eval.seed, prompts)
     all_images = load_images(config.data)
     train_set, holdout = load_dataset(config.data, all_images)
-    evaluation = evaluate_samples(samples, train_set, holdout, config.eval, progress=progress, real_images=all_images)
+    real_images = None if config.data.holdout_source else all_images  # None: training + held-out images
+    evaluation = evaluate_samples(samples, train_set, holdout, config.eval, progress=progress, real_images=real_images)
     status = read_status(run_dir)
     evaluation.metrics |= {
         "defense": config.defense.name,
@@ -322,6 +357,7 @@ def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluati
     )
     save_image_grid(samples[:64], run_dir / "samples.png", title=f"{config.defense.name}: samples")
     evaluation.metrics |= measure_concept_if_known(run_dir, config, progress)
+    evaluation.metrics |= run_membership(run_dir, config, train_set, holdout)
     defenses = selected(config.defense.names)
     for defense in defenses:
         if defense.evaluate is not None:

@@ -27,15 +27,23 @@ def load_images(config: DataConfig) -> ImageSet:
         if name not in BUILTIN_SETS:
             raise MemsafeError(f"unknown built-in dataset '{name}' (have: {', '.join(BUILTIN_SETS)})")
         return BUILTIN_SETS[name](config.resolution, config.channels)
-    return load_image_folder(config.source, config.resolution, config.channels, config.center_crop)
+    return load_image_folder(config.source, config.resolution, config.channels, config.center_crop, lazy=True)
 
 
 def load_dataset(config: DataConfig, images: ImageSet | None = None) -> tuple[ImageSet, ImageSet]:
-    """(training images, held-out images) as the config asks, from `images` when already loaded;
+    """(training images, held-out images) as the config asks (held out from `source`, or the
+    `holdout_source` folder), from `images` when already loaded;
     `thin_text` and `exclude_text` filter the training images only (held-out images stay the same for every
     variant). Thinning comes first, so that filtering drops concept images from the same thinned set."""
     images = images if images is not None else load_images(config)
-    train, holdout = split_holdout(images, config.max_train_images, config.holdout_images, config.seed)
+    if config.holdout_source:
+        train, _ = split_holdout(images, config.max_train_images, 0, config.seed)
+        holdout = load_image_folder(config.holdout_source, config.resolution, config.channels, config.center_crop,
+                                    lazy=True)
+        if config.holdout_images:
+            holdout, _ = split_holdout(holdout, config.holdout_images, 0, config.seed)
+    else:
+        train, holdout = split_holdout(images, config.max_train_images, config.holdout_images, config.seed)
     train = thin_captions(train, config.thin_text, config.thin_except_text, config.seed)
     return exclude_captions(train, config.exclude_text), holdout
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,7 +50,41 @@ def decode_image(path: Path, resolution: int, channels: int, center_crop: bool) 
         raise MemsafeError(f"cannot read image {path}: {exc}") from exc
 
 
-def load_image_folder(folder: str | Path, resolution: int, channels: int, center_crop: bool = True) -> ImageSet:
+@dataclass(frozen=True)
+class ImageFiles:
+    """Image files not yet decoded: what an ImageSet of a folder holds until its pixels are asked for, so a
+    latent run whose VAE latents are cached never decodes the folder, and one that encodes it decodes a
+    batch at a time."""
+
+    paths: tuple[Path, ...]
+    resolution: int
+    channels: int
+    center_crop: bool
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, indices: list[int]) -> ImageFiles:
+        return replace(self, paths=tuple(self.paths[i] for i in indices))
+
+    def decode(self, start: int = 0, stop: int | None = None, progress: bool = False) -> torch.Tensor:
+        """(n, C, H, W) uint8 pixels of files start..stop."""
+        chosen = self.paths[start:stop]
+        with progress_bar(chosen, desc="decoding images", disable=not progress or len(chosen) < 500) as bar:
+            return torch.stack([decode_image(p, self.resolution, self.channels, self.center_crop) for p in bar])
+
+    def fingerprint(self) -> str:
+        """Changes when any file's path, size or modification time, or the decoding settings, change."""
+        digest = hashlib.sha256(repr((self.resolution, self.channels, self.center_crop)).encode())
+        for path in self.paths:
+            stat = path.stat()
+            digest.update(f"{path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+
+def load_image_folder(folder: str | Path, resolution: int, channels: int, center_crop: bool = True,
+                      lazy: bool = False) -> ImageSet:
+    """The folder's images and captions; `lazy` defers decoding until the pixels are first read."""
     folder = Path(folder)
     if not folder.exists():
         raise MemsafeError(f"data folder not found: {folder}")
@@ -59,10 +95,11 @@ def load_image_folder(folder: str | Path, resolution: int, channels: int, center
         raise MemsafeError(f"data folder {folder} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     captions = read_metadata(folder)
     names = [p.relative_to(folder).as_posix() for p in files]
-    with progress_bar(files, desc=f"loading {folder.name}", disable=len(files) < 500) as bar:
-        pixels = [decode_image(p, resolution, channels, center_crop) for p in bar]
-    return ImageSet(
-        pixels=torch.stack(pixels),
+    images = ImageSet(
+        files=ImageFiles(tuple(files), resolution, channels, center_crop),
         captions=[captions.get(n, "") for n in names] if captions else None,
         names=names,
     )
+    if not lazy:
+        images.pixels  # noqa: B018  (decodes now)
+    return images

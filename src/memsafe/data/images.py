@@ -2,31 +2,44 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from PIL import Image
 
 
-@dataclass
 class ImageSet:
-    """Decoded images (N, C, H, W, uint8), with optional captions, labels and source names."""
+    """Images (N, C, H, W, uint8) with optional captions, labels, source names and per-image labels of named
+    attributes (e.g. ink colour). Made from decoded `pixels`, or from `files` (data/image_folder.ImageFiles)
+    that are decoded, all at once, the first time `pixels` is read."""
 
-    pixels: torch.Tensor
-    captions: list[str] | None = None
-    labels: torch.Tensor | None = None
-    names: list[str] | None = None
-    attributes: dict[str, torch.Tensor] | None = None  # per-image labels of named attributes, e.g. ink colour
+    def __init__(self, pixels: torch.Tensor | None = None, captions: list[str] | None = None,
+                 labels: torch.Tensor | None = None, names: list[str] | None = None,
+                 attributes: dict[str, torch.Tensor] | None = None, files=None):
+        if (pixels is None) == (files is None):
+            raise ValueError("an ImageSet is made from pixels or from files, one of the two")
+        self._pixels, self.files = pixels, files
+        self.captions, self.labels, self.names, self.attributes = captions, labels, names, attributes
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        if self._pixels is None:
+            self._pixels = self.files.decode(progress=True)
+        return self._pixels
+
+    @property
+    def decoded(self) -> bool:
+        return self._pixels is not None
 
     def __len__(self) -> int:
-        return self.pixels.shape[0]
+        return self._pixels.shape[0] if self.decoded else len(self.files)
 
     def subset(self, indices: torch.Tensor | np.ndarray | list[int]) -> ImageSet:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        pick = lambda seq: None if seq is None else [seq[i] for i in idx.tolist()]  # noqa: E731
+        order = idx.tolist()
+        pick = lambda seq: None if seq is None else [seq[i] for i in order]  # noqa: E731
         return ImageSet(
-            pixels=self.pixels[idx],
+            pixels=self._pixels[idx] if self.decoded else None,
+            files=None if self.decoded else self.files.subset(order),
             captions=pick(self.captions),
             labels=None if self.labels is None else self.labels[idx],
             names=pick(self.names),

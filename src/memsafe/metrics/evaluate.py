@@ -7,17 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from memsafe.config import EvalConfig
-from memsafe.data.images import ImageSet
+from memsafe.data.images import ImageSet, to_uint8
 from memsafe.metrics.copy_detection import copy_statistics, top1_similarity
 from memsafe.metrics.features import domain_feature_net, load_feature_net
 from memsafe.metrics.fid import fid_inception, fid_with_features
 from memsafe.metrics.nearest import (
     Neighbours,
     distance_ratio,
+    distinct_nearest_neighbours,
     memorized_fraction,
     mq_counts,
     mq_scores,
-    nearest_neighbours,
 )
 
 
@@ -50,7 +50,7 @@ def evaluate_samples(
     """Measure `samples` against the training images. The domain feature network is trained on
     `real_images` (default: training plus held-out images) unless `feature_net` is given."""
     train_images = train_set.as_model_input()
-    neighbours = nearest_neighbours(samples, train_images, k=50)
+    neighbours = distinct_nearest_neighbours(samples, train_images, k=50)
     ratios = distance_ratio(neighbours)
     metrics: dict = {
         "num_samples": len(samples),
@@ -80,6 +80,8 @@ def evaluate_samples(
             1 - feature_net.background_similarity
         )
 
+    metrics |= sscd_metrics(samples, train_set, holdout, config)
+
     reference, metrics["fid_reference"] = (
         (holdout.as_model_input(), "holdout") if len(holdout) >= 2 else (train_images, "train")
     )
@@ -89,6 +91,19 @@ def evaluate_samples(
         metrics["fid"] = fid_with_features(reference, samples, feature_net)
         metrics["fid_features"] = config.features
     return Evaluation(metrics=metrics, samples=samples, neighbours=neighbours, ratios=ratios)
+
+
+def sscd_metrics(samples: torch.Tensor, train_set: ImageSet, holdout: ImageSet, config: EvalConfig) -> dict:
+    """SSCD replication rate (metrics/sscd.py) when `eval.sscd` asks for it: "auto" measures colour images
+    whenever the detector is installed, "on" requires it."""
+    from memsafe.metrics import sscd
+
+    colour = train_set.pixels.shape[1] == 3
+    if config.sscd == "off" or (config.sscd == "auto" and not (colour and sscd.available())):
+        return {}
+    detector = sscd.SSCD(config.sscd_size)
+    found, _ = sscd.sscd_statistics(detector, to_uint8(samples), train_set.pixels, holdout.pixels)
+    return found
 
 
 def _embed(net: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,25 @@ class Neighbours:
     indices: torch.Tensor  # (Q, k) reference indices
 
 
+def distinct_images(images: torch.Tensor) -> list[int]:
+    """Index of the first of each set of identical images. A generation that copies an image the training
+    set holds twice has two equally near neighbours, so the NN1/NN2 ratio must be taken over distinct ones."""
+    import hashlib
+
+    seen: dict[bytes, int] = {}
+    for index, image in enumerate(images):
+        seen.setdefault(hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=16).digest(), index)
+    return sorted(seen.values())
+
+
+@torch.no_grad()
+def distinct_nearest_neighbours(queries: torch.Tensor, references: torch.Tensor, k: int = 50) -> Neighbours:
+    """`nearest_neighbours` among the distinct references, indices into `references`."""
+    keep = distinct_images(references)
+    found = nearest_neighbours(queries, references[keep], k=k)
+    return Neighbours(found.sq_dists, torch.tensor(keep, dtype=torch.long)[found.indices])
+
+
 @torch.no_grad()
 def nearest_neighbours(
     queries: torch.Tensor, references: torch.Tensor, k: int = 50, query_chunk: int = 1024, reference_chunk: int = 8192

@@ -73,8 +73,9 @@ class TextEncoder:
                 max_length=self.max_length,
                 return_tensors="pt",
             )
-            mask = tokens.attention_mask if self.use_mask else None
-            chunks.append(self.model(input_ids=tokens.input_ids, attention_mask=mask).last_hidden_state)
+            device = self.model.device
+            mask = tokens.attention_mask.to(device) if self.use_mask else None
+            chunks.append(self.model(input_ids=tokens.input_ids.to(device), attention_mask=mask).last_hidden_state.cpu())
         return torch.cat(chunks).float()
 
     def token_counts(self, prompts: list[str]) -> list[int]:
@@ -91,25 +92,41 @@ class TextEncoder:
 
 
 class CaptionConditioner:
-    """Per-sample UNet inputs for a captioned training set: each caption embedded once, and a share of
-    captions replaced by the empty caption during training (classifier-free guidance)."""
+    """Per-sample UNet inputs for a captioned training set, and a share of captions replaced by the empty
+    caption during training (classifier-free guidance). Distinct captions are embedded once when their table
+    fits in `table_bytes`; beyond that (a large folder of unique captions) each batch's captions are
+    embedded when drawn, on the training device, so memory does not grow with the data set."""
 
-    def __init__(self, encoder: TextEncoder, captions: list[str] | None, dropout: float):
+    def __init__(self, encoder: TextEncoder, captions: list[str] | None, dropout: float,
+                 table_bytes: int = 256 * 2**20):
         if captions is None:
             raise MemsafeError(
                 "model.conditioning: text needs captions: give the data folder a metadata.jsonl with 'text' fields"
             )
         self.encoder = encoder
         self.dropout = dropout
-        self.caption_embeddings = encoder.encode_unique(captions)
+        self.captions = captions
+        unique = sorted(set(captions))
+        self.table = self.rows = None
+        if len(unique) * encoder.max_length * encoder.dim * 4 <= table_bytes:
+            self.table = encoder.encode(unique)
+            position = {p: i for i, p in enumerate(unique)}
+            self.rows = torch.tensor([position[p] for p in captions], dtype=torch.long)
         self.empty = encoder.encode([""])
+
+    def embeddings(self, indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(len(indices), max_length, dim) embeddings of these training captions."""
+        if self.table is not None:
+            return self.table[self.rows[indices]].to(device)
+        self.encoder.model.to(device)
+        return self.encoder.encode([self.captions[i] for i in indices.tolist()]).to(device)
 
     def model_kwargs(
         self, indices: torch.Tensor, device: torch.device | str, uniform: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """`uniform`: one U(0, 1) draw per sample; those below the dropout rate get the empty caption."""
-        states = self.caption_embeddings[indices]
+        states = self.embeddings(indices, device)
         if self.dropout > 0:
             drop = (uniform if uniform is not None else torch.rand(len(indices))) < self.dropout
-            states = torch.where(drop[:, None, None], self.empty.expand_as(states), states)
-        return {"encoder_hidden_states": states.to(device)}
+            states = torch.where(drop.to(states.device)[:, None, None], self.empty.to(states).expand_as(states), states)
+        return {"encoder_hidden_states": states}

@@ -95,10 +95,28 @@ def atomic_checkpoint(root: Path, step: int, keep: int, accelerator, every_proce
     accelerator.wait_for_everyone()
 
 
+def trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint keeps: all of them, or under LoRA only the adapter's (the frozen base is the
+    pretrained model, loaded again on resume)."""
+    from memsafe.models.lora import has_lora
+
+    if has_lora(model):
+        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    return model.state_dict()
+
+
+def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    expected = trained_state(model)
+    if set(state) != set(expected):
+        missing = sorted(set(expected) - set(state)) or sorted(set(state) - set(expected))
+        raise MemsafeError(f"checkpoint {path} does not match the model (e.g. {missing[0]}); was it written by another config?")
+    model.load_state_dict(state, strict=len(expected) == len(model.state_dict()))
+
+
 def write_trainer_state(trainer, folder: Path) -> None:
     """Model, EMA, optimizer, schedule, RNG, data position and hook state of one Trainer into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in trainer.unwrapped.state_dict().items()}, folder / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in trained_state(trainer.unwrapped).items()}, folder / "model.safetensors")
     ema_state = None
     if trainer.ema is not None:
         ema_state = trainer.ema.state_dict()
@@ -179,7 +197,7 @@ def load_checkpoint(trainer, path: Path) -> None:
     if missing:
         raise MemsafeError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
     state = json.loads((path / "trainer_state.json").read_text())
-    trainer.unwrapped.load_state_dict(load_file(path / "model.safetensors"))
+    load_trained_state(trainer.unwrapped, load_file(path / "model.safetensors"), path)
     trainer.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
     if trainer.ema is not None:

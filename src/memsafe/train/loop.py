@@ -45,13 +45,18 @@ def make_accelerator(mixed_precision: str = "no") -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def model_inputs(config: RunConfig, train_set: ImageSet) -> torch.Tensor:
+def trained_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer and EMA hold: every weight, or under LoRA the adapter's alone."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def model_inputs(config: RunConfig, train_set: ImageSet, progress: bool = False) -> torch.Tensor:
     """What the denoiser learns to produce: images in [-1, 1], or a pipeline's cached VAE latents."""
     if not is_latent_pipeline(config.model):
         return train_set.as_model_input()
     from memsafe.data.latent_cache import cached_latents
 
-    return cached_latents(train_set.pixels, config.model.pretrained, cache_dir=config.data.latent_cache)
+    return cached_latents(train_set, config.model.pretrained, cache_dir=config.data.latent_cache, progress=progress)
 
 
 class Trainer:
@@ -66,9 +71,11 @@ class Trainer:
         unet: torch.nn.Module | None = None,
         conditioner=None,
         data_parallel: bool = True,
+        inputs: torch.Tensor | None = None,
     ):
         """`data_parallel=False` keeps this trainer to its own process (e.g. an IET proxy): the model is
-        not wrapped for DDP, each step takes the whole batch and no collective is run."""
+        not wrapped for DDP, each step takes the whole batch and no collective is run. `unet`, `conditioner`
+        and `inputs` (what model_inputs gives) may come from another trainer on the same data."""
         train = config.train
         if train.deterministic:
             use_deterministic_kernels()
@@ -92,8 +99,10 @@ class Trainer:
                 from memsafe.models.lora import add_lora
 
                 add_lora(model, config.model)
+            if train.gradient_checkpointing:
+                model.enable_gradient_checkpointing()
         self.optimizer = torch.optim.AdamW(
-            (p for p in model.parameters() if p.requires_grad), lr=train.learning_rate, weight_decay=train.weight_decay
+            trained_parameters(model), lr=train.learning_rate, weight_decay=train.weight_decay
         )
         self.lr_scheduler = get_scheduler(
             "constant_with_warmup", optimizer=self.optimizer, num_warmup_steps=train.warmup_steps
@@ -104,10 +113,13 @@ class Trainer:
         else:
             self.unet = model.to(self.accelerator.device)
             self.optimizer = self.accelerator.prepare_optimizer(self.optimizer)
-        self.ema = EMAModel(self.unwrapped.parameters(), decay=train.ema_decay) if train.ema else None
+        self.ema = EMAModel(trained_parameters(self.unwrapped), decay=train.ema_decay) if train.ema else None
         self.use_subset(torch.arange(len(train_set)), seed=train.seed)
         self.hooks = HookList(hooks)
-        self.pixels = model_inputs(config, train_set)
+        if inputs is None:
+            with self.accelerator.main_process_first():  # the others then read the cache it wrote
+                inputs = model_inputs(config, train_set, progress=self.accelerator.is_main_process)
+        self.pixels = inputs
         self.latent = is_latent_pipeline(config.model)  # self.pixels are VAE latents, not images
         self.step = 0
         self.last_log: dict[str, float] = {}
@@ -264,7 +276,7 @@ class Trainer:
         self.hooks.on_sync(self)
         model = copy.deepcopy(self.unwrapped).eval()
         if use_ema and self.ema is not None:
-            self.ema.copy_to(model.parameters())
+            self.ema.copy_to(trained_parameters(model))
         return model
 
 

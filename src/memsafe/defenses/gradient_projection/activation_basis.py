@@ -14,8 +14,6 @@ difference and stay free.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
@@ -48,22 +46,6 @@ def input_rows(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return inputs.reshape(-1, inputs.shape[-1])
 
 
-@contextmanager
-def captured_inputs(layers: dict[str, torch.nn.Module]):
-    """While open, each forward pass leaves every layer's `input_rows` (float64) in the yielded dict."""
-    captured: dict[str, torch.Tensor] = {}
-
-    def capture(name):
-        return lambda module, args: captured.__setitem__(name, input_rows(module, args[0]).double())
-
-    handles = [module.register_forward_pre_hook(capture(name)) for name, module in layers.items()]
-    try:
-        yield captured
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def output_rows(output: torch.Tensor) -> torch.Tensor:
     """A layer's output (or its gradient) in the row order of `input_rows`: (rows, out)."""
     if output.dim() == 4:  # convolution: (n, out, h, w) -> one row per output position
@@ -84,6 +66,36 @@ def concept_caption_pairs(captions: list[str], concepts: list[str], count: int,
     return images, [f"{p} {concepts[k]}".strip() for p, k in zip(plain, prompts)], plain, other
 
 
+class InputChangeMoments:
+    """Forward pre-hooks that stream, for every layer, statistics of a batch made of `parts` equal parts (the
+    same noisy images under other captions, the first part's captions without the concept): the (fan_in,
+    fan_in) second moment of how each later part's input differs from the first part's, and the first part's
+    input energy. No input outlives its layer, so the memory is the covariances' alone, whatever the model."""
+
+    def __init__(self, layers: dict[str, torch.nn.Module], parts: int):
+        self.parts = parts
+        self.moments: dict[str, list[torch.Tensor | int]] = {name: [0] * (parts - 1) for name in layers}
+        self.signal: dict[str, torch.Tensor | float] = dict.fromkeys(layers, 0.0)
+        self.handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in layers.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args):
+            base, *others = input_rows(module, args[0]).double().chunk(self.parts)
+            for j, part in enumerate(others):
+                change = part - base
+                self.moments[name][j] = self.moments[name][j] + change.T @ change
+            self.signal[name] = self.signal[name] + base.pow(2).sum()
+
+        return hook
+
+    def __enter__(self) -> InputChangeMoments:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixels: torch.Tensor,
                          captions: list[str], config: GradientProjectionConfig, seed: int = 0,
@@ -94,42 +106,31 @@ def activation_subspaces(model: torch.nn.Module, noise_scheduler, encoder, pixel
     generator = torch.Generator().manual_seed(seed)
     images, named, plain, other = concept_caption_pairs(captions, config.concepts, config.activation_samples, generator)
     device = next(model.parameters()).device
-    covariance: dict[str, torch.Tensor] = {}
-    allowed: dict[str, torch.Tensor] = {}
-    signal = dict.fromkeys(layers, 0.0)
+    with_allowed = config.experimental.activation_allowed
+    captions_of = [plain, other, named] if with_allowed else [plain, named]
     was_training = model.training
     model.eval()
     try:
-        with captured_inputs(layers) as captured:
+        with InputChangeMoments(layers, parts=len(captions_of)) as measured:
             for start in range(0, len(images), batch_size):
                 chosen = torch.tensor(images[start : start + batch_size])
                 clean = pixels[chosen].to(device)
                 noise, steps = draw_noise(noise_scheduler, tuple(clean.shape), generator)
-                noise, steps = noise.to(device), steps.to(device)
-                noisy = noise_scheduler.add_noise(clean, noise, steps)
-
-                def inputs_with(prompts: list[str]) -> dict[str, torch.Tensor]:
-                    model(noisy, steps, encoder_hidden_states=encoder.encode(prompts[start : start + batch_size]).to(device))
-                    return dict(captured)
-
-                def add_changes(store: dict[str, torch.Tensor], changed: dict[str, torch.Tensor]) -> None:
-                    for name in layers:
-                        change = (changed[name] - without[name]).cpu()
-                        store[name] = store.get(name, 0) + change.T @ change
-
-                without = inputs_with(plain)
-                if config.experimental.activation_allowed:
-                    add_changes(allowed, inputs_with(other))
-                add_changes(covariance, inputs_with(named))
-                for name in layers:
-                    signal[name] += without[name].pow(2).sum().item()
+                noisy = noise_scheduler.add_noise(clean, noise.to(device), steps.to(device))
+                prompts = [prompt for part in captions_of for prompt in part[start : start + batch_size]]
+                repeat = len(captions_of)
+                model(noisy.repeat(repeat, *[1] * (noisy.dim() - 1)), steps.to(device).repeat(repeat),
+                      encoder_hidden_states=encoder.encode(prompts).to(device))
     finally:
         model.train(was_training)
+    covariance = {name: moments[-1].cpu() for name, moments in measured.moments.items()}
+    allowed = {name: moments[0].cpu() for name, moments in measured.moments.items()} if with_allowed else {}
+    signal = {name: float(value) for name, value in measured.signal.items()}
     # A layer upstream of every cross-attention sees exactly the same inputs either way.
     reached = {name for name in layers if covariance[name].trace() > 1e-10 * max(signal[name], 1e-30)}
     if not reached:
         raise MemsafeError("naming the concepts changes the input of no trainable layer: does the model read text?")
-    if config.experimental.activation_allowed:
+    if with_allowed:
         bases = {name: concept_specific_basis(covariance[name], allowed[name]).float() for name in sorted(reached)}
         bases = {name: basis for name, basis in bases.items() if basis.shape[1]}
     else:

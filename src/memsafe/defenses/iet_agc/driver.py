@@ -24,6 +24,32 @@ from memsafe.train.checkpoint import atomic_checkpoint, load_checkpoint, read_st
 from memsafe.train.loop import Trainer, drive, make_accelerator
 
 
+class AdapterSlots:
+    """LoRA proxies over one frozen base: a single UNet whose trainable (adapter) weights hold one proxy's
+    values at a time, the other proxies' values waiting here. Each proxy keeps its own optimizer, EMA and
+    hooks over the shared weights."""
+
+    def __init__(self, model: torch.nn.Module, count: int):
+        self.live = [p for p in model.parameters() if p.requires_grad]
+        self.saved = [[p.detach().clone() for p in self.live] for _ in range(count)]
+        self.active = 0
+
+    @torch.no_grad()
+    def activate(self, index: int) -> None:
+        """Puts proxy `index`'s adapter into the model, keeping the one that was there."""
+        if index == self.active:
+            return
+        for saved, live in zip(self.saved[self.active], self.live):
+            saved.copy_(live)
+        for saved, live in zip(self.saved[index], self.live):
+            live.copy_(saved)
+        self.active = index
+
+    def weights(self, index: int) -> list[torch.Tensor]:
+        """Proxy `index`'s adapter weights, wherever they are now."""
+        return self.live if index == self.active else self.saved[index]
+
+
 class IETTrainer:
     """K proxy Trainers over shards, aggregated every round (train.protocol.TrainerLike).
 
@@ -33,6 +59,9 @@ class IETTrainer:
     `step` counts optimizer steps over all proxies: a run of `train.max_steps` steps sees as many samples as
     plain training does in as many steps. Each round every proxy takes `local_steps` (the schedule of
     config.py); the last round shares out the steps left by shard size.
+
+    Under LoRA the proxies are K adapters over one frozen base (AdapterSlots); otherwise each proxy is a
+    copy of the model.
     """
 
     def __init__(self, config: RunConfig, train_set: ImageSet, extra_hooks: HookMaker = list):
@@ -59,8 +88,12 @@ class IETTrainer:
         timesteps = build_noise_scheduler(config.model).config.num_train_timesteps
         self.proxies: list[Trainer] = []
         self.agc: list[AntiGradientControl] = []
+        shared_base = bool(config.model.lora_rank)
         for _ in self.owned:
             first = self.proxies[0] if self.proxies else None
+            unet = None
+            if first is not None:
+                unet = first.unwrapped if shared_base else copy.deepcopy(first.unwrapped)
             agc = AntiGradientControl(LossBank(timesteps, iet.bank_decay), self.ledger, self.ratio, skip=iet.agc)
             hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
             self.agc.append(agc)
@@ -70,11 +103,13 @@ class IETTrainer:
                     train_set,
                     hooks=hooks + list(extra_hooks()),
                     accelerator=self.accelerator,
-                    unet=None if first is None else copy.deepcopy(first.unwrapped),
+                    unet=unet,
                     conditioner=None if first is None else first.conditioner,
                     data_parallel=False,
+                    inputs=None if first is None else first.pixels,
                 )
             )
+        self.slots = AdapterSlots(self.proxies[0].unwrapped, len(self.proxies)) if shared_base else None
         self.round = 0
         self.step = 0
         self.last_log: dict[str, float] = {}
@@ -116,6 +151,7 @@ class IETTrainer:
 
     def train_proxy(self, index: int, steps: int, bar) -> dict[str, float]:
         k, proxy = self.owned[index], self.proxies[index]
+        self.activate(index)
         members = self.shard_members(k)
         proxy.use_subset(members, seed=(self.config.train.seed * 7919 + self.round) * 101 + k)
         losses = []
@@ -149,32 +185,39 @@ class IETTrainer:
             proxy.hooks.on_round_end(proxy, self.round)
         self.round += 1
 
-    def _weighted_sum(self, tensors_of: Callable[[Trainer], list[torch.Tensor]]) -> list[torch.Tensor]:
+    def activate(self, index: int) -> None:
+        """Makes the model hold proxy `index`'s weights (a no-op when every proxy has a model of its own)."""
+        if self.slots is not None:
+            self.slots.activate(index)
+
+    def weights(self, index: int) -> list[torch.Tensor]:
+        """The floating-point weights of proxy `index` that training changes."""
+        if self.slots is not None:
+            return self.slots.weights(index)
+        return [t for t in self.proxies[index].unwrapped.state_dict().values() if t.is_floating_point()]
+
+    def _weighted_sum(self, tensors_of: Callable[[int], list[torch.Tensor]]) -> list[torch.Tensor]:
         """Shard-size-weighted mean over all proxies of all processes, one tensor per position."""
         sizes = torch.bincount(self.assignment, minlength=self.iet.shards).double()
         weights = sizes / sizes.sum()
         total = None
-        for k, proxy in zip(self.owned, self.proxies):
-            flat = torch.cat([t.detach().double().flatten().cpu() for t in tensors_of(proxy)]) * weights[k]
+        for index, k in enumerate(self.owned):
+            flat = torch.cat([t.detach().double().flatten().cpu() for t in tensors_of(index)]) * weights[k]
             total = flat if total is None else total + flat
         if self.accelerator.num_processes > 1:
             total = self.accelerator.reduce(total.to(self.accelerator.device), reduction="sum").cpu()
-        shapes = [t.shape for t in tensors_of(self.proxies[0])]
+        shapes = [t.shape for t in tensors_of(0)]
         return [part.view(shape) for part, shape in zip(total.split([math.prod(s) for s in shapes]), shapes)]
 
     @torch.no_grad()
     def aggregate(self) -> None:
         """Global weights (and EMA weights) = shard-size-weighted mean of the proxies', loaded into all."""
-
-        def floats(proxy: Trainer) -> list[torch.Tensor]:
-            return [t for t in proxy.unwrapped.state_dict().values() if t.is_floating_point()]
-
-        mean = self._weighted_sum(floats)
-        for proxy in self.proxies:
-            for tensor, value in zip(floats(proxy), mean):
+        mean = self._weighted_sum(self.weights)
+        for index in range(len(self.proxies)):
+            for tensor, value in zip(self.weights(index), mean):
                 tensor.copy_(value)
         if self.ema is not None:
-            mean = self._weighted_sum(lambda p: list(p.ema.shadow_params))
+            mean = self._weighted_sum(lambda index: list(self.proxies[index].ema.shadow_params))
             for proxy in self.proxies:
                 for tensor, value in zip(proxy.ema.shadow_params, mean):
                     tensor.copy_(value)
@@ -198,7 +241,8 @@ class IETTrainer:
         """Every process writes its own proxies into the one checkpoint folder."""
         keep = self.config.train.checkpoints_total_limit
         with atomic_checkpoint(root, self.step, keep, self.accelerator, every_process_writes=True) as tmp:
-            for k, proxy in zip(self.owned, self.proxies):
+            for index, (k, proxy) in enumerate(zip(self.owned, self.proxies)):
+                self.activate(index)
                 write_trainer_state(proxy, tmp / f"proxy-{k:03d}")
             if self.accelerator.is_main_process:
                 write_state(tmp / "iet", self.state_dict())
@@ -210,7 +254,8 @@ class IETTrainer:
         state = read_state(path / "iet")
         if len(state["assignment"]) != len(self.assignment):
             raise MemsafeError(f"checkpoint {path} covers {len(state['assignment'])} images, the data has {len(self.assignment)}")
-        for k, proxy in zip(self.owned, self.proxies):
+        for index, (k, proxy) in enumerate(zip(self.owned, self.proxies)):
+            self.activate(index)
             load_checkpoint(proxy, path / f"proxy-{k:03d}")
         self.assignment.copy_(state["assignment"])
         self.ledger.load_state_dict(state["ledger"])

@@ -1,0 +1,224 @@
+"""Sample-level memorization that is earned: a text-conditional DDPM on real captioned emoji at 32 px where, as
+in web data, a few images are duplicated many times (default: 50 of 1,000 distinct training emoji x 20).
+Plain training copies those and generalises on the rest; a defense should stop the copies at no cost in
+quality. Readings per variant (seed means and spreads): copies of duplicated and of unique images (NN ratio
+on distinct training images, SSCD replication rate), FID against held-out emoji, held-out denoising loss,
+membership inference, training wall time.
+
+    memsafe data emoji data/emoji32 --size 32          # once (fetches the npm packages)
+    python bench/emoji.py data/emoji32 [--seeds 3] [--variants plain,iet_agc_plus] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from iet import VARIANTS  # noqa: E402
+from results_io import RESULTS, without_metadata, write_results  # noqa: E402
+
+from memsafe.config import config_from_dict, merge  # noqa: E402
+from memsafe.data import load_dataset  # noqa: E402
+from memsafe.data.images import to_uint8  # noqa: E402
+from memsafe.metrics import sscd  # noqa: E402
+from memsafe.metrics.features import domain_feature_net  # noqa: E402
+from memsafe.metrics.fid import fid_with_features  # noqa: E402
+from memsafe.metrics.membership import attack_losses, loss_attack  # noqa: E402
+from memsafe.metrics.nearest import distance_ratio, distinct_nearest_neighbours, memorized_fraction  # noqa: E402
+from memsafe.models.text import TextEncoder  # noqa: E402
+from memsafe.models.unet import build_noise_scheduler  # noqa: E402
+from memsafe.runs import load_run_unet, prompt_sampler, run_heldout_loss, train_run  # noqa: E402
+
+READINGS = ("dup_memorized_nn", "dup_copy_rate_sscd", "unique_memorized_nn", "unique_copy_rate_sscd",
+            "holdout_copy_rate_sscd", "fid", "heldout_loss", "mia_auc", "mia_tpr_at_1pct_fpr", "dup_mia_auc",
+            "dup_loss_ratio", "wall_s")
+
+
+def base_config(train: Path, holdout: Path, steps: int) -> dict:
+    return {
+        "data": {"source": str(train), "holdout_source": str(holdout), "resolution": 32, "channels": 3},
+        "model": {"conditioning": "text", "text_encoder": "builtin:minilm", "max_text_length": 24,
+                  "block_out_channels": [32, 64, 128], "layers_per_block": 1,
+                  "attention_levels": [False, True, True]},
+        "train": {"max_steps": steps, "batch_size": 32, "learning_rate": 5e-4, "warmup_steps": 100,
+                  "caption_dropout": 0.1, "checkpoint_every": steps, "log_every": 50},
+        "eval": {"sampling_steps": 25, "guidance_scale": 3.0, "batch_size": 128},
+    }
+
+
+def split_emoji(folder: Path, distinct: int, duplicated: int, copies: int, holdout: int, seed: int,
+                work: Path) -> tuple[Path, Path]:
+    """train/ (distinct emoji once, `duplicated` of them `copies` times, hard links) and holdout/, split by
+    emoji name so both art styles of one emoji fall on the same side; skin-tone variants left out (they are
+    near-copies of one another)."""
+    records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    records = [r for r in records if "skin tone" not in r["name"]]
+    names = sorted({r["name"] for r in records})
+    random.Random(seed).shuffle(names)
+    by_name: dict[str, list[dict]] = {}
+    for record in records:
+        by_name.setdefault(record["name"], []).append(record)
+    picked_train, picked_holdout = [], []
+    for name in names:
+        side = picked_train if len(picked_train) < distinct else picked_holdout
+        if len(picked_holdout) >= holdout:
+            break
+        side.extend(by_name[name])
+    picked_train, picked_holdout = picked_train[:distinct], picked_holdout[:holdout]
+    if len(picked_train) < distinct or len(picked_holdout) < holdout:
+        raise SystemExit(f"{folder} has too few distinct emoji for {distinct} training + {holdout} held-out images")
+    dup = set(random.Random(seed + 1).sample(range(distinct), duplicated))
+    for side, picked in (("train", picked_train), ("holdout", picked_holdout)):
+        (work / side).mkdir(parents=True)
+        lines = []
+        for index, record in enumerate(picked):
+            repeats = copies if side == "train" and index in dup else 1
+            for copy in range(repeats):
+                name = f"{index:05d}-{copy:02d}.png"
+                os.link(folder / record["file_name"], work / side / name)
+                lines.append(json.dumps({"file_name": name, "text": record["text"], "duplicated": repeats > 1,
+                                         "source": record["file_name"]}))
+        (work / side / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return work / "train", work / "holdout"
+
+
+def duplicated_flags(train: Path, names: list[str]) -> torch.Tensor:
+    flags = {}
+    for line in (train / "metadata.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        flags[record["file_name"]] = record["duplicated"]
+    return torch.tensor([flags[n] for n in names])
+
+
+def measure(run_dir: Path, config, samples_per_group: int, seed: int) -> dict:
+    train_set, holdout = load_dataset(config.data)
+    dup = duplicated_flags(Path(config.data.source), train_set.names)
+    distinct = [i for i, name in enumerate(train_set.names) if name.endswith("-00.png")]
+    dup_distinct = [i for i in distinct if dup[i]]
+    unique = [i for i in distinct if not dup[i]]
+    generator = random.Random(seed)
+    groups = {"dup": [train_set.captions[generator.choice(dup_distinct)] for _ in range(samples_per_group)],
+              "unique": [train_set.captions[i] for i in generator.sample(unique, samples_per_group)],
+              "holdout": list(holdout.captions)}
+    unet = load_run_unet(run_dir, config)
+    sample = prompt_sampler(unet, config, seed=config.eval.seed)
+    generated = {group: sample(prompts) for group, prompts in groups.items()}
+
+    train_images = train_set.as_model_input()
+    detector = sscd.SSCD(config.eval.sscd_size)
+    readings = {}
+    for group in ("dup", "unique"):
+        ratios = distance_ratio(distinct_nearest_neighbours(generated[group], train_images, k=2))
+        readings[f"{group}_memorized_nn"] = memorized_fraction(ratios, config.eval.memorization_threshold)
+        found, _ = sscd.sscd_statistics(detector, to_uint8(generated[group]), train_set.pixels[distinct],
+                                        holdout.pixels)
+        readings[f"{group}_copy_rate_sscd"] = found["copy_rate_sscd"]
+        readings[f"{group}_sim_95pc_sscd"] = found["sim_95pc_sscd"]
+        readings["holdout_copy_rate_sscd"] = found["holdout_copy_rate_sscd"]
+    real = torch.cat([train_images[distinct], holdout.as_model_input()])
+    readings["fid"] = fid_with_features(holdout.as_model_input(), generated["holdout"], domain_feature_net(real, False))
+    readings["heldout_loss"] = run_heldout_loss(run_dir, holdout).mean().item()
+    readings |= membership(unet, config, train_set, holdout, unique, dup_distinct)
+    return readings
+
+
+def membership(unet, config, train_set, holdout, unique: list[int], dup_distinct: list[int]) -> dict:
+    """Loss attack on distinct unique training emoji vs held-out ones (as many of each), and on the duplicated
+    emoji vs as many held-out ones; `dup_loss_ratio` is their mean error over the unique ones' (AGC's premise:
+    below 1 when memorized images have the lower loss)."""
+    encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+    scheduler = build_noise_scheduler(config.model)
+
+    def losses(images) -> torch.Tensor:
+        return attack_losses(unet, scheduler, images.as_model_input(), encoder.encode_unique(images.captions))
+
+    count = min(len(unique), len(holdout))
+    unique_losses, holdout_losses = losses(train_set.subset(unique[:count])), losses(holdout.subset(range(count)))
+    dup_losses = losses(train_set.subset(dup_distinct))
+    found = loss_attack(unique_losses, holdout_losses)
+    return {"mia_auc": found["mia_auc"], "mia_tpr_at_1pct_fpr": found["mia_tpr_at_1pct_fpr"],
+            "dup_mia_auc": loss_attack(dup_losses, holdout_losses[: len(dup_losses)])["mia_auc"],
+            "dup_loss_ratio": (dup_losses.mean() / unique_losses.mean()).item()}
+
+
+def run_variant(name: str, seed: int, args, train: Path, holdout: Path, root: Path, extra: dict) -> dict:
+    values = base_config(train, holdout, args.steps)
+    config = merge(config_from_dict(values), VARIANTS[name] | (extra if name != "plain" else {})
+                   | {"train.seed": seed, "output_dir": str(root / f"{name}-{seed}")})
+    started = time.perf_counter()
+    run_dir = train_run(config, progress=sys.stderr.isatty())
+    wall = time.perf_counter() - started
+    return {"seed": seed, "wall_s": wall, "steps": args.steps, **measure(run_dir, config, args.samples, seed)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for key in READINGS:
+        values = [r[key] for r in runs]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out | {"seeds": [r["seed"] for r in runs], "runs": runs}
+
+
+def markdown(results: dict) -> list[str]:
+    plain = results.get("plain")
+    shown = ("dup_memorized_nn", "dup_copy_rate_sscd", "unique_copy_rate_sscd", "holdout_copy_rate_sscd", "fid",
+             "heldout_loss", "mia_auc", "dup_loss_ratio", "wall_s")
+    lines = ["| variant | " + " | ".join(shown) + " | FID vs plain | held-out loss vs plain |",
+             "|---|" + "---|" * (len(shown) + 2)]
+    for name, r in results.items():
+        relative = lambda key: f"{(r[key] / plain[key] - 1) * 100:+.1f} %" if plain and plain[key] else "-"  # noqa: E731
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f} ± {r[f'{k}_std']:.3f}" for k in shown)
+                     + f" | {relative('fid')} | {relative('heldout_loss')} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="a folder written by `memsafe data emoji ... --size 32`")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", default="plain,iet,iet_agc,iet_agc_plus")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--distinct", type=int, default=1000, help="distinct training emoji")
+    parser.add_argument("--duplicated", type=int, default=50, help="how many of them are duplicated")
+    parser.add_argument("--copies", type=int, default=20, help="copies of each duplicated emoji")
+    parser.add_argument("--holdout", type=int, default=500)
+    parser.add_argument("--samples", type=int, default=100, help="generations per group (duplicated, unique)")
+    parser.add_argument("--out", default=str(RESULTS / "emoji.json"))
+    parser.add_argument("--merge", action="store_true", help="add to an existing --out (same variant+seed replaced)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for defended variants")
+    args = parser.parse_args()
+    import yaml
+
+    extra = {k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in args.set)}
+    names = args.variants.split(",")
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if args.merge and out.is_file() else {}
+    runs: dict[str, list[dict]] = {n: list(v["runs"]) for n, v in without_metadata(previous).items()}
+    settings = {k: getattr(args, k) for k in ("steps", "distinct", "duplicated", "copies", "holdout", "samples")}
+    with tempfile.TemporaryDirectory() as tmp:
+        train, holdout = split_emoji(Path(args.folder), args.distinct, args.duplicated, args.copies, args.holdout,
+                                     0, Path(tmp) / "data")
+        for seed in range(args.seeds):
+            for name in names:
+                record = run_variant(name, seed, args, train, holdout, Path(tmp) / "runs", extra)
+                runs[name] = sorted([r for r in runs.get(name, []) if r["seed"] != seed] + [record],
+                                    key=lambda r: r["seed"])
+                print(json.dumps({"variant": name, **record}), flush=True)
+                results = {n: summarize(runs[n]) for n in VARIANTS if n in runs}
+                write_results(out, results | {"settings": settings | {"set": extra}}, markdown(results), echo=False)
+    print("\n".join(markdown(results)))
+
+
+if __name__ == "__main__":
+    main()
