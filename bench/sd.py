@@ -223,7 +223,8 @@ def main() -> None:
     key = "gpu" if args.gpu else "cpu"
     earlier = json.loads(args.out.read_text()) if args.out.is_file() else {}
     provenances = earlier.get("provenance", {}) | {key: provenance()}
-    out = {"cpu": earlier.get("cpu"), "gpu": earlier.get("gpu"), key: result, "provenance": provenances}
+    # top level: the newest run (results_io's convention); `provenance`: the run behind each object
+    out = {"cpu": earlier.get("cpu"), "gpu": earlier.get("gpu"), key: result, "provenance": provenances} | provenance()
     if not args.dry:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
