@@ -8,6 +8,7 @@ process's own. The random-weight pipeline comes from models/random_pipeline.py.
     python bench/sd.py                 # CPU: tiny pipeline, 32 px, batch 16; fills `cpu` in bench/results/sd.json
     python bench/sd.py --gpu           # GPU: SD 1.5 architecture (860M UNet), 512 px, bf16, batch 8; fills `gpu`
     python bench/sd.py --gpu --dry     # the GPU path on tiny sizes, to try it on the CPU before GPU time
+    python bench/sd.py --sd15-cache    # CPU: the cache speed-up with SD 1.5's VAE and UNet at 128 px, into `cpu`
 
 Ratios: a LoRA defense against LoRA, full fine-tuning against itself. `fixed_cost_s` of a variant is its
 whole-run wall time minus its steps at the per-step rate measured over two run lengths (the set-up that a
@@ -66,11 +67,12 @@ def make_data(folder: Path, count: int, resolution: int) -> Path:
     return folder
 
 
-def config(work: Path, target: dict, variant: str, steps: int, data: str = "data", tag: str = "") -> dict:
+def config(work: Path, target: dict, variant: str, steps: int, data: str = "data", tag: str = "",
+           pipeline: str = "pipeline") -> dict:
     sections, _ = VARIANTS[variant]
     values = {"data": {"source": str(work / data), "resolution": target["resolution"],
                        "latent_cache": str(work / f"latents-{data}")},
-              "model": {"pretrained": str(work / "pipeline")},
+              "model": {"pretrained": str(work / pipeline)},
               "train": {"max_steps": steps, "batch_size": target["batch_size"], "warmup_steps": 10,
                         "checkpoint_every": steps, "mixed_precision": target["mixed_precision"]},
               "output_dir": str(work / f"{variant}-{steps}{tag}")}
@@ -136,7 +138,7 @@ def ratios(runs: dict) -> dict:
     return out
 
 
-def cache_speedup(work: Path, target: dict, steps: int) -> dict:
+def cache_speedup(work: Path, target: dict, steps: int, pipeline: str = "pipeline", data: str = "data") -> dict:
     """Seconds per step reading cached latents against encoding each batch through the VAE, in one process."""
     from memsafe.config import config_from_dict
     from memsafe.data import load_dataset
@@ -149,13 +151,13 @@ def cache_speedup(work: Path, target: dict, steps: int) -> dict:
         name = "encode"
 
         def __init__(self, images, device):
-            self.images, self.codec = images, LatentCodec(work / "pipeline", device)
+            self.images, self.codec = images, LatentCodec(work / pipeline, device)
 
         def on_batch_start(self, batch, trainer):
             batch["pixels"] = self.codec.encode(to_model_range(self.images[batch["index"]])).to(batch["pixels"])
             return batch
 
-    values = config_from_dict(config(work, target, "lora", steps, tag="-cache"))
+    values = config_from_dict(config(work, target, "lora", steps, data, tag="-cache", pipeline=pipeline))
     train_set, _ = load_dataset(values.data)
     timings = {}
     for label in ("cached", "encoded"):
@@ -180,6 +182,20 @@ def growing_folder(args, target: dict, steps: int) -> dict:
     return {"rss_runs": runs, "rss_ratio_10k_vs_1k": runs["10k"]["peak_rss_mb"] / runs["1k"]["peak_rss_mb"]}
 
 
+def sd15_cache_speedup(args) -> dict:
+    """The cache speed-up with the SD 1.5 architecture's VAE and UNet (random weights), LoRA, on the CPU at
+    `args.sd15_resolution` px: the tiny pipeline's VAE costs almost nothing beside its UNet, SD 1.5's does not."""
+    from memsafe.models.random_pipeline import build_random_pipeline
+
+    target = {"resolution": args.sd15_resolution, "batch_size": 2, "mixed_precision": "no"}
+    if not (args.work / "pipeline-sd15").is_dir():
+        build_random_pipeline(args.work / "pipeline-sd15", size="sd15")
+    make_data(args.work / "data-sd15", 16, target["resolution"])
+    found = cache_speedup(args.work, target, args.sd15_steps, pipeline="pipeline-sd15", data="data-sd15")
+    return {f"sd15_{key}": value for key, value in found.items()} | {
+        "sd15_cache_settings": target | {"steps": args.sd15_steps, "lora_rank": 8}}
+
+
 def target_of(args) -> dict:
     target = dict(TARGETS["gpu" if args.gpu else "cpu"])
     if args.dry:
@@ -197,6 +213,10 @@ def main() -> None:
     parser.add_argument("--rss-steps", type=int, default=50)
     parser.add_argument("--out", type=Path, default=RESULTS / "sd.json")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--sd15-cache", action="store_true",
+                        help="only the cache speed-up with the SD 1.5 architecture on the CPU, added to `cpu`")
+    parser.add_argument("--sd15-resolution", type=int, default=128)
+    parser.add_argument("--sd15-steps", type=int, default=4)
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", default="data", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,6 +224,13 @@ def main() -> None:
     args.work = args.work or Path(tempfile.mkdtemp(prefix="memsafe-sd-bench-"))
     if args.one:
         print(json.dumps(one(args.work, target, args.one, args.steps, args.data)))
+        return
+    if args.sd15_cache:
+        earlier = json.loads(args.out.read_text())
+        earlier["cpu"] |= sd15_cache_speedup(args)
+        earlier["provenance"]["cpu_sd15_cache"] = provenance()
+        args.out.write_text(json.dumps(earlier, indent=2) + "\n")
+        print(json.dumps(earlier["cpu"], indent=2))
         return
     from memsafe.models.random_pipeline import build_random_pipeline
 

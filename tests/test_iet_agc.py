@@ -216,3 +216,20 @@ def test_a_shard_smaller_than_a_batch_trains_and_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "memsafe: warning: defense.iet_agc: 48 training images over 4 shards leave 12 per shard, fewer than" in err and "train.batch_size 12 or less, or more images" in err
     assert json.loads((tmp_path / "run" / "status.json").read_text())["rounds"] == 10
+
+
+def test_smoothed_agc_skips_a_persistently_low_sample_not_one_low_draw():
+    """With agc_smoothing the rule reads a sample's relative loss averaged over its visits: one low draw of an
+    ordinary sample is kept, a sample low at every visit is still skipped (after its average falls)."""
+    bank = LossBank(num_timesteps=10, decay=0.0)
+    agc = AntiGradientControl(bank, SampleLedger(2, smoothing=0.8), ratio=2.0)
+    batch = {"index": torch.tensor([0, 1]), "timesteps": torch.tensor([3, 3])}
+    kept = []
+    for draw in ([1.0, 0.3], [1.0, 0.3], [0.2, 0.3], [1.0, 0.3], [1.0, 0.3], [1.0, 0.3], [1.0, 0.3]):
+        bank.values.fill_(1.0)  # a fixed running mean: the relative losses are the draws
+        kept.append(agc.on_losses(torch.tensor(draw), batch, None).tolist())
+    assert all(k[0] == 1.0 for k in kept)  # sample 0: 1, 1, 0.2 (0.84 smoothed), 1, ...: never skipped
+    assert kept[0][1] == 0.0 and all(k[1] == 0.0 for k in kept)  # sample 1: 0.3 from its first visit on
+    reference = AntiGradientControl(bank, SampleLedger(2), ratio=2.0)
+    bank.values.fill_(1.0)
+    assert reference.on_losses(torch.tensor([0.2, 1.0]), batch, None).tolist() == [0.0, 1.0]  # one draw decides

@@ -22,23 +22,37 @@ def agc_ratio(config: RunConfig) -> float:
     return ratio if ratio is not None else (1.25 if config.model.pretrained else 2.0)
 
 
+STATE = ("skips", "visits", "round_skips", "round_visits", "relative_loss", "smoothed")
+
+
 class SampleLedger:
     """Per-sample statistics over the whole training set (global indices), shared by all proxies."""
 
-    def __init__(self, num_items: int):
+    def __init__(self, num_items: int, smoothing: float = 0.0):
+        self.smoothing = smoothing
         self.skips = torch.zeros(num_items, dtype=torch.long)
         self.visits = torch.zeros(num_items, dtype=torch.long)
         self.round_skips = torch.zeros(num_items, dtype=torch.long)
         self.round_visits = torch.zeros(num_items, dtype=torch.long)
         self.relative_loss = torch.full((num_items,), math.inf)  # loss / bank[t] at the last visit
+        # EMA over a sample's visits of its relative loss (`smoothing` the weight of the past; 0: the last visit)
+        self.smoothed = torch.full((num_items,), math.inf)
 
     def start_round(self) -> None:
         self.round_skips.zero_()
         self.round_visits.zero_()
 
+    def smooth(self, index: torch.Tensor, relative: torch.Tensor) -> torch.Tensor:
+        """Each sample's relative loss averaged over its visits, this one included (not yet stored). The
+        first finite reading starts the average; a sample drawn twice in one batch counts its last draw."""
+        past = self.smoothed[index].double()
+        mixed = self.smoothing * past + (1 - self.smoothing) * relative.double()
+        return torch.where(past.isfinite(), mixed, relative.double())
+
     def record(self, index: torch.Tensor, kept: torch.Tensor, relative: torch.Tensor) -> None:
         self.round_visits.index_add_(0, index, torch.ones_like(index))
         self.round_skips.index_add_(0, index, (~kept).long())
+        self.smoothed[index] = self.smooth(index, relative).float()
         self.relative_loss[index] = relative.float()
 
     def end_round(self, accelerator: Accelerator | None = None) -> None:
@@ -47,10 +61,12 @@ class SampleLedger:
         if accelerator is not None and accelerator.num_processes > 1:
             visited = self.round_visits > 0
             counts = accelerator.reduce(torch.stack([self.round_visits, self.round_skips]), reduction="sum")
-            relative = accelerator.reduce(torch.where(visited, self.relative_loss.double(), 0.0), reduction="sum")
+            for key in ("relative_loss", "smoothed"):
+                value = getattr(self, key)
+                summed = accelerator.reduce(torch.where(visited, value.double(), 0.0), reduction="sum")
+                setattr(self, key, torch.where(counts[0] > 0, summed.float(), value))
             self.round_visits.copy_(counts[0])
             self.round_skips.copy_(counts[1])
-            self.relative_loss = torch.where(self.round_visits > 0, relative.float(), self.relative_loss)
         self.visits += self.round_visits
         self.skips += self.round_skips
 
@@ -58,10 +74,10 @@ class SampleLedger:
         return self.round_skips.double() / self.round_visits.clamp_min(1).double()
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("skips", "visits", "round_skips", "round_visits", "relative_loss")}
+        return {k: getattr(self, k) for k in STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
+        for key, value in state.items():  # a checkpoint from before `smoothed` existed leaves it unset
             getattr(self, key).copy_(value)
 
 
@@ -83,7 +99,8 @@ class LossBank:
 
 
 class AntiGradientControl(TrainHook):
-    """Skips a sample when loss * lambda < bank[t]; with `skip=False` it only keeps the statistics."""
+    """Skips a sample when its relative loss (loss / bank[t], averaged over its visits when the ledger
+    smooths) times lambda is below 1; with `skip=False` it only keeps the statistics."""
 
     name = "agc"
 
@@ -95,7 +112,8 @@ class AntiGradientControl(TrainHook):
     def on_losses(self, losses, batch, trainer):
         losses, timesteps, index = losses.cpu(), batch["timesteps"].cpu(), batch["index"].cpu()
         relative = self.bank.relative(losses, timesteps)
-        kept = relative * self.ratio >= 1.0 if self.skip else torch.ones_like(losses, dtype=torch.bool)
+        score = self.ledger.smooth(index, relative)
+        kept = score * self.ratio >= 1.0 if self.skip else torch.ones_like(losses, dtype=torch.bool)
         self.bank.update(losses, timesteps)
         self.ledger.record(index, kept, relative)
         self.kept += int(kept.sum())

@@ -82,7 +82,7 @@ class LossDrivenAugmentation(TrainHook):
         self.count = 0
 
     def on_batch_start(self, batch, trainer):
-        strength = augmentation_strength(self.ledger.relative_loss[batch["index"].cpu()], self.ratio)
+        strength = augmentation_strength(self.ledger.smoothed[batch["index"].cpu()], self.ratio)
         self.strength_sum += float(strength.sum())
         self.count += len(strength)
         augment = augment_latents if getattr(trainer, "latent", False) else augment_batch

@@ -29,6 +29,9 @@ class IETConfig:
     agc: bool = True  # skip samples with loss < bank[t] / agc_ratio
     agc_ratio: float | None = None  # the AGC ratio (lambda in the IET-AGC paper); None: 2.0 from scratch, 1.25 when fine-tuning
     bank_decay: float = 0.8  # EMA of the per-timestep loss bank
+    # Skip (and augment) on a sample's relative loss averaged over its visits, this weight on the past
+    # (0: the reference code's single draw; docs/research/iet-agc.md)
+    agc_smoothing: float = 0.0
     redistribute: bool = True  # AGC+: move persistently skipped samples to other shards between rounds
     redistribute_threshold: float = 0.5  # share of a sample's visits in a round that were skipped
     augment: bool = True  # AGC+: augmentation strength grows as a sample's loss falls
@@ -69,6 +72,8 @@ def validate(config: RunConfig) -> None:
             f"{where}.agc_ratio {iet.agc_ratio} < 1 would skip samples whose loss is above the running "
             "mean, i.e. nearly every sample; use a value >= 1 (2.0 from scratch, 1.25 when fine-tuning)"
         )
+    if not 0.0 <= iet.agc_smoothing < 1.0:
+        raise MemsafeError(f"{where}.agc_smoothing must be in [0, 1), got {iet.agc_smoothing}")
     if not 0.0 < iet.redistribute_threshold <= 1.0:
         raise MemsafeError(f"{where}.redistribute_threshold must be in (0, 1], got {iet.redistribute_threshold}")
     plan = schedule(iet, train.max_steps)

@@ -71,7 +71,7 @@ class IETTrainer:
         self.iet = iet
         self.local_steps = schedule(iet, config.train.max_steps).local_steps
         self.ratio = agc_ratio(config)
-        self.ledger = SampleLedger(len(train_set))
+        self.ledger = SampleLedger(len(train_set), iet.agc_smoothing)
         self.accelerator = make_accelerator(config.train.mixed_precision)
         processes, rank = self.accelerator.num_processes, self.accelerator.process_index
         if iet.shards < processes:
