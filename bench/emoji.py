@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from iet import VARIANTS  # noqa: E402
-from results_io import RESULTS, without_metadata, write_results  # noqa: E402
+from results_io import RESULTS, seed_summary, without_metadata, write_results  # noqa: E402
 
 from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
@@ -162,15 +161,6 @@ def run_variant(name: str, seed: int, args, train: Path, holdout: Path, root: Pa
     return {"seed": seed, "wall_s": wall, "steps": args.steps, **measure(run_dir, config, args.samples, seed)}
 
 
-def summarize(runs: list[dict]) -> dict:
-    out = {}
-    for key in READINGS:
-        values = [r[key] for r in runs]
-        out[key] = statistics.fmean(values)
-        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    return out | {"seeds": [r["seed"] for r in runs], "runs": runs}
-
-
 def markdown(results: dict) -> list[str]:
     plain = results.get("plain")
     shown = ("dup_memorized_nn", "dup_copy_rate_sscd", "unique_copy_rate_sscd", "holdout_copy_rate_sscd", "fid",
@@ -216,7 +206,7 @@ def main() -> None:
                 runs[name] = sorted([r for r in runs.get(name, []) if r["seed"] != seed] + [record],
                                     key=lambda r: r["seed"])
                 print(json.dumps({"variant": name, **record}), flush=True)
-                results = {n: summarize(runs[n]) for n in VARIANTS if n in runs}
+                results = {n: seed_summary(runs[n], READINGS) for n in VARIANTS if n in runs}
                 write_results(out, results | {"settings": settings | {"set": extra}}, markdown(results), echo=False)
     print("\n".join(markdown(results)))
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
-from results_io import RESULTS, without_metadata, write_results
+from results_io import RESULTS, seed_summary, without_metadata, write_results
 
 IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
 VARIANTS = {
@@ -44,17 +43,6 @@ def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict
     metrics = evaluate_run(run_dir, progress=False).metrics
     return {"seed": seed, "wall_s": wall, **{k: metrics[k] for k in METRICS if k != "wall_s"},
             "nn_ratio_median": metrics["nn_ratio_median"], "steps": metrics["train_steps"]}
-
-
-def summarize(runs: list[dict]) -> dict:
-    out = {}
-    for key in METRICS:
-        values = [r[key] for r in runs]
-        out[key] = statistics.fmean(values)
-        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
-    out["seeds"] = [r["seed"] for r in runs]
-    out["runs"] = runs
-    return out
 
 
 def markdown(results: dict) -> str:
@@ -101,7 +89,7 @@ def main() -> None:
                 runs[name] = sorted([r for r in runs.get(name, []) if r["seed"] != seed] + [record], key=lambda r: r["seed"])
                 print(json.dumps({"variant": name, **record}), flush=True)
                 order = [n for n in VARIANTS if n in runs]
-                results = {n: summarize(runs[n]) for n in order}
+                results = {n: seed_summary(runs[n], METRICS) for n in order}
                 write_results(out, results, [markdown(results).rstrip()], echo=False)
     print(markdown(results))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import RESULTS, write_results  # noqa: E402
+from results_io import RESULTS, seed_summary, write_results  # noqa: E402
 from tests.test_iet_quality import glyph_folder  # noqa: E402
 
 from memsafe.config import config_from_dict  # noqa: E402
@@ -62,11 +62,7 @@ def main() -> None:
                 record = run(name, seed, data, Path(tmp) / "runs")
                 print(json.dumps({"variant": name, **record}), flush=True)
                 results.setdefault(name, {"runs": []})["runs"].append(record)
-    for value in results.values():
-        for key in READINGS:
-            values = [r[key] for r in value["runs"]]
-            value[key] = statistics.fmean(values)
-            value[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    results = {name: seed_summary(value["runs"], READINGS) for name, value in results.items()}
     plain = results.get("plain", {}).get("fid")
     table = ["| variant | FID (held-out) | vs plain | memorized | copies | AGC skip rate, last round |", "|---|---|---|---|---|---|"]
     for name, r in results.items():

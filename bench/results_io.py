@@ -4,6 +4,7 @@ and a markdown table beside it."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -30,6 +31,16 @@ def provenance() -> dict:
 def without_metadata(results: dict) -> dict:
     """The results of a file without its metadata keys."""
     return {name: value for name, value in results.items() if name not in METADATA}
+
+
+def seed_summary(runs: list[dict], keys) -> dict:
+    """Mean and standard deviation over seeds of each reading in `keys`, with the seeds and the runs."""
+    out = {}
+    for key in keys:
+        values = [r[key] for r in runs]
+        out[key] = statistics.fmean(values)
+        out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    return out | {"seeds": [r["seed"] for r in runs], "runs": runs}
 
 
 def write_json(out: Path, results: dict) -> None:
