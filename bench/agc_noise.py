@@ -4,7 +4,7 @@ the log loss of the second half of training into a timestep curve (20-step bins)
 (difficulty, or memorization) and a per-visit residual (the noise draw), and prints the spread of each
 sample's skip fraction (docs/research/iet-agc.md).
 
-    python bench/agc_noise.py WORKDIR ['{"agc_smoothing": 0.8}']
+    python bench/agc_noise.py WORKDIR ['{"agc_smoothing": 0.8}' [OUT.json]]   # default bench/results/agc_noise.json
 """
 import json
 import sys
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import RESULTS, write_json
 from tests.test_iet_quality import glyph_folder
 from memsafe.config import config_from_dict
 from memsafe.data import load_dataset
@@ -49,7 +51,12 @@ res = logl - curve[bins]
 n = len(train_set)
 eff = torch.zeros(n).double().index_add_(0, idx, res) / torch.bincount(idx, minlength=n).double().clamp_min(1)
 within = res - eff[idx]
-print("visits", len(res), "total var", res.var().item(), "between-sample var", eff.var().item(), "within var", within.var().item())
 skips = trainer.ledger.skips.double() / trainer.ledger.visits.double().clamp_min(1)
-print("per-sample skip fraction quantiles", [round(v, 3) for v in torch.quantile(skips, torch.tensor([0, .1, .25, .5, .75, .9, 1]).double()).tolist()])
-print("corr(sample effect, skip fraction)", torch.corrcoef(torch.stack([eff, skips]))[0, 1].item())
+found = {"visits": len(res), "log_loss_variance": res.var().item(), "between_sample_variance": eff.var().item(),
+         "within_sample_variance": within.var().item(),
+         "skip_fraction_quantiles_0_10_25_50_75_90_100": torch.quantile(
+             skips, torch.tensor([0, .1, .25, .5, .75, .9, 1]).double()).tolist(),
+         "corr_sample_effect_skip_fraction": torch.corrcoef(torch.stack([eff, skips]))[0, 1].item(),
+         "settings": {"defense.iet_agc": overrides, "seed": 0}}
+print(json.dumps(found, indent=2))
+write_json(Path(sys.argv[3]) if len(sys.argv) > 3 else RESULTS / "agc_noise.json", found)
