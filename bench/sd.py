@@ -229,7 +229,7 @@ def main() -> None:
         earlier = json.loads(args.out.read_text())
         earlier["cpu"] |= sd15_cache_speedup(args)
         earlier["provenance"]["cpu_sd15_cache"] = provenance()
-        args.out.write_text(json.dumps(earlier, indent=2) + "\n")
+        args.out.write_text(json.dumps(earlier | provenance(), indent=2) + "\n")
         print(json.dumps(earlier["cpu"], indent=2))
         return
     from memsafe.models.random_pipeline import build_random_pipeline
