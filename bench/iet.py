@@ -26,6 +26,8 @@ VARIANTS = {
     "iet_agc": IET | {"defense.iet_agc.redistribute": False, "defense.iet_agc.augment": False},
     "iet_agc_redistribute": IET | {"defense.iet_agc.augment": False},
     "iet_agc_plus": IET,
+    # the skip and augmentation rule on a sample's relative loss averaged over its visits (docs/research/iet-agc.md)
+    "iet_agc_plus_smoothed": IET | {"defense.iet_agc.agc_smoothing": 0.8},
 }
 METRICS = ("memorized_fraction", "copy_fraction", "fid", "wall_s")
 

@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from memsafe.config import config_from_dict
 from memsafe.data import load_dataset
 from memsafe.metrics import sscd
-from memsafe.metrics.copy_detection import top1_similarity
+from memsafe.metrics.copy_detection import own_image_nearest, top1_similarity
 from memsafe.metrics.membership import attack_losses, balanced_sets, loss_attack
 from memsafe.models.unet import build_noise_scheduler
 from memsafe.runs import evaluate_run, load_run_unet, model_space, train_run
@@ -44,12 +44,13 @@ def test_an_overfitted_model_gives_its_members_away(tmp_path):
     member_indices, nonmember_indices = balanced_sets(len(train_set), len(holdout), 0)
     members, nonmembers = train_set.subset(member_indices), holdout.subset(nonmember_indices)
     unet, scheduler = load_run_unet(run_dir, config), build_noise_scheduler(config.model)
-    trained = loss_attack(attack_losses(unet, scheduler, model_space(config, members)),
-                          attack_losses(unet, scheduler, model_space(config, nonmembers)))
+    to_model = model_space(config)
+    trained = loss_attack(attack_losses(unet, scheduler, to_model(members)),
+                          attack_losses(unet, scheduler, to_model(nonmembers)))
     assert trained["mia_auc"] > 0.8, trained
     fresh = type(unet).from_config(unet.config)
-    untrained = loss_attack(attack_losses(fresh, scheduler, model_space(config, members)),
-                            attack_losses(fresh, scheduler, model_space(config, nonmembers)))
+    untrained = loss_attack(attack_losses(fresh, scheduler, to_model(members)),
+                            attack_losses(fresh, scheduler, to_model(nonmembers)))
     assert abs(untrained["mia_auc"] - 0.5) < 0.3, untrained
 
     metrics = evaluate_run(run_dir, progress=False).metrics
@@ -87,6 +88,22 @@ def test_sscd_finds_copies_above_what_other_images_reach():
     assert torch.allclose(again, detector.embed(pictures[:20]), atol=1e-6)
     with pytest.raises(ValueError, match="uint8"):
         detector.embed(pictures.float())
+
+
+@needs_sscd
+def test_a_noisy_copy_has_its_own_image_nearest_and_another_picture_does_not():
+    pictures = scenes(40)
+    detector = sscd.SSCD(size=128)
+    references = detector.embed(pictures[:20])
+    noise = torch.from_numpy(np.random.default_rng(0).normal(0, 8, pictures[:10].shape))
+    noisy = (torch.roll(pictures[:10], shifts=1, dims=3).double() + noise).clamp(0, 255).to(torch.uint8)
+    own = torch.arange(10)
+    copied = own_image_nearest(detector.embed(noisy), references[own], references, own_index=own)
+    assert copied.all(), "a noisy copy of a training picture has that picture nearest"
+    strangers = own_image_nearest(detector.embed(pictures[20:30]), references[own], references, own_index=own)
+    assert strangers.sum() <= 3, "unrelated pictures match their assigned image only by chance (1 in 20)"
+    held_out = own_image_nearest(detector.embed(noisy), detector.embed(pictures[:10]), references[10:])
+    assert held_out.all(), "a held-out image competes with the others on the same terms"
 
 
 @needs_sscd

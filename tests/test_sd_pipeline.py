@@ -211,23 +211,26 @@ def _edit_json(path, **updates):
     path.write_text(json.dumps(json.loads(path.read_text()) | updates))
 
 
-BAD = {
+BAD = {  # case: (change to the pipeline folder, config sections, the error)
     "missing-component": (lambda f: shutil.rmtree(f / "text_encoder"), {}, r"missing text_encoder/"),
     "latent-channels": (lambda f: _edit_json(f / "vae" / "config.json", latent_channels=8), {},
                         r"VAE gives 8-channel latents but the UNet takes 4"),
-    "resolution": (lambda f: None, {"resolution": 34}, r"data.resolution 34 cannot go through .*multiple of 4"),
+    "resolution": (lambda f: None, {"data": {"resolution": 34}},
+                   r"data.resolution 34 cannot go through .*multiple of 4"),
     "unsupported-class": (lambda f: _edit_json(f / "model_index.json", _class_name="KandinskyPipeline"), {},
                           r"is a KandinskyPipeline; memsafe trains StableDiffusionPipeline"),
     "sdxl": (lambda f: _edit_json(f / "model_index.json", _class_name="StableDiffusionXLPipeline",
                                   text_encoder_2=["transformers", "CLIPTextModelWithProjection"]), {}, r"SDXL"),
+    "latent-flip": (lambda f: None, {"defense": {"name": "iet_agc", "iet_agc": {"augment_flip": True}}},
+                    r"augment_flip: a flipped VAE latent is not the latent of the flipped image"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_pipeline_folders_are_one_line_errors_and_leave_no_run(tmp_path, capsys, parts, case):
-    change, data_updates, message = BAD[case]
+    change, sections, message = BAD[case]
     pipeline, _, data = parts
-    values = _values(tmp_path, _broken(tmp_path, pipeline, change), data, data=data_updates)
+    values = _values(tmp_path, _broken(tmp_path, pipeline, change), data, **sections)
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(values))
     assert main(["train", "--config", str(path), "--no-progress"]) == 1
@@ -241,10 +244,10 @@ def test_latent_augmentation_shifts_whole_cells_and_never_clamps(parts):
     from memsafe.defenses.iet_agc.config import IETConfig
 
     latents = torch.randn(3, 4, 16, 16) * 3  # SD latents reach well past [-1, 1]
-    config = IETConfig(augment_max_shift=0.5, augment_flip=True)
+    config = IETConfig(augment_max_shift=0.5)
     out = augment_latents(latents, torch.tensor([0.0, 1.0, 1.0]), config, torch.Generator().manual_seed(0))
     assert out[0].equal(latents[0]) and out.abs().max() > 1.5
-    for i in (1, 2):  # each is its latent moved by whole cells (and maybe flipped): every value is one of its own
+    for i in (1, 2):  # each is its latent moved by whole cells: every value is one of its own
         assert not out[i].equal(latents[i])
         assert torch.isin(out[i], latents[i]).all()
 

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -232,15 +232,15 @@ def run_heldout_loss(run_dir: Path, images: ImageSet) -> torch.Tensor:
                                   images.as_model_input(), images.captions)
 
 
-def model_space(config: RunConfig, images: ImageSet) -> torch.Tensor:
-    """What the run's UNet denoises: the images in [-1, 1], or their VAE latents for a pipeline run."""
-    pixels = images.as_model_input()
+def model_space(config: RunConfig) -> Callable[[ImageSet], torch.Tensor]:
+    """A function from images to what the run's UNet denoises: the images in [-1, 1], or their VAE latents for
+    a pipeline run (the VAE loaded once)."""
     if not is_latent_pipeline(config.model):
-        return pixels
+        return lambda images: images.as_model_input()
     from memsafe.models.pipeline import LatentCodec
 
     codec = LatentCodec(config.model.pretrained)
-    return torch.cat([codec.encode(chunk) for chunk in pixels.split(16)])
+    return lambda images: torch.cat([codec.encode(chunk) for chunk in images.as_model_input().split(16)])
 
 
 def run_membership(run_dir: Path, config: RunConfig, train_set: ImageSet, holdout: ImageSet) -> dict[str, Any]:
@@ -253,6 +253,7 @@ def run_membership(run_dir: Path, config: RunConfig, train_set: ImageSet, holdou
     member_indices, nonmember_indices = balanced_sets(len(train_set), len(holdout), config.eval.seed)
     unet = load_run_unet(run_dir, config)
     noise_scheduler = build_noise_scheduler(config.model)
+    to_model = model_space(config)
     encoder = None
     if config.model.conditioning == "text":
         from memsafe.models.text import TextEncoder
@@ -261,7 +262,7 @@ def run_membership(run_dir: Path, config: RunConfig, train_set: ImageSet, holdou
 
     def losses(images: ImageSet) -> torch.Tensor:
         hidden = encoder.encode_unique(images.captions) if encoder is not None else None
-        return attack_losses(unet, noise_scheduler, model_space(config, images), hidden, seed=config.eval.seed)
+        return attack_losses(unet, noise_scheduler, to_model(images), hidden, seed=config.eval.seed)
 
     return loss_attack(losses(train_set.subset(member_indices)), losses(holdout.subset(nonmember_indices)))
 

@@ -33,3 +33,16 @@ def copy_statistics(
         f"{prefix}sim_mean": similarity.mean().item(),
         f"{prefix}sim_95pc": torch.quantile(similarity.double(), 0.95).item(),
     }
+
+
+def own_image_nearest(samples: torch.Tensor, own: torch.Tensor, others: torch.Tensor,
+                      own_index: torch.Tensor | None = None) -> torch.Tensor:
+    """Per generation, whether the image its prompt captions (`own`, one row per sample) is more similar to it
+    than every image of `others` (unit features); `own_index[i]`, where the own image is itself a row of
+    `others`, leaves that row out. A ranking, not a threshold: it reads a noisy copy of the prompt's image as
+    a copy, and a caption's ordinary look as none (the rate for prompts of images never trained on is its
+    baseline)."""
+    similarity = samples @ others.T
+    if own_index is not None:
+        similarity[torch.arange(len(samples)), own_index] = -torch.inf
+    return (samples * own).sum(1) > similarity.max(1).values

@@ -23,24 +23,22 @@ def augmentation_strength(relative_loss: torch.Tensor, ratio: float) -> torch.Te
 def augment_latents(
     latents: torch.Tensor, strength: torch.Tensor, config: IETConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """The same augmentation on VAE latents, restricted to what commutes with the VAE (up to its own error):
-    translation by whole latent cells (one cell = the VAE's factor in pixels; the edge cells repeat) and
-    flips. Shifts under half a cell round to none; brightness and contrast have no latent counterpart and are
-    not applied."""
+    """The augmentation on VAE latents, restricted to what nearly commutes with the VAE: translation by whole
+    latent cells (one cell = the VAE's factor in pixels; the edge cells repeat). Shifts under half a cell
+    round to none. Flips (a flipped latent is not the latent of the flipped image: bench/latent_shift.py),
+    brightness and contrast have no latent counterpart and are not applied (`validate` refuses flips)."""
     active = (strength > 0).nonzero().flatten().tolist()
     if not active:
         return latents
     out = latents.clone()
     side = latents.shape[-1]
-    draws = torch.rand(len(latents), 3, generator=generator)
+    draws = torch.rand(len(latents), 2, generator=generator)
     for i in active:
-        dx, dy = ((draws[i, :2] * 2 - 1) * strength[i].item() * config.augment_max_shift * side).round().int().tolist()
+        dx, dy = ((draws[i] * 2 - 1) * strength[i].item() * config.augment_max_shift * side).round().int().tolist()
         x = latents[i : i + 1]
         if dx or dy:
             pad = (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0))
             x = F.pad(x, pad, mode="replicate")[..., pad[3] : pad[3] + side, pad[1] : pad[1] + side]
-        if config.augment_flip and draws[i, 2].item() < 0.5 * strength[i].item():
-            x = x.flip(-1)
         out[i] = x[0]
     return out
 

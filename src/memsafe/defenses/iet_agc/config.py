@@ -58,6 +58,8 @@ def schedule(iet: IETConfig, max_steps: int) -> Schedule:
 
 
 def validate(config: RunConfig) -> None:
+    from memsafe.models.pipeline import is_latent_pipeline  # models import the config, which imports defenses
+
     iet, train = config.defense.iet_agc, config.train
     where = "defense.iet_agc"
     if iet.shards < 1:
@@ -71,6 +73,12 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(
             f"{where}.agc_ratio {iet.agc_ratio} < 1 would skip samples whose loss is above the running "
             "mean, i.e. nearly every sample; use a value >= 1 (2.0 from scratch, 1.25 when fine-tuning)"
+        )
+    if iet.augment and iet.augment_flip and is_latent_pipeline(config.model):
+        raise MemsafeError(
+            f"{where}.augment_flip: a flipped VAE latent is not the latent of the flipped image (decoded, it is "
+            "off by 4.8x the VAE's own reconstruction error; docs/stable-diffusion.md), so latent runs augment by "
+            "shifts only: set augment_flip: false"
         )
     if not 0.0 <= iet.agc_smoothing < 1.0:
         raise MemsafeError(f"{where}.agc_smoothing must be in [0, 1), got {iet.agc_smoothing}")
