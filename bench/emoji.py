@@ -1,5 +1,5 @@
 """Sample-level memorization that is earned: a text-conditional DDPM on real captioned emoji at 32 px where, as
-in web data, a few images are duplicated many times (default: 50 of 1,000 distinct training emoji x 20).
+in web data, a few images are duplicated many times (default: 10 of 1,000 distinct training emoji x 100).
 Plain training copies those and generalises on the rest; a defense should stop the copies at no cost in
 quality. Readings per variant (seed means and spreads): copies of duplicated and of unique images (NN ratio
 on distinct training images, SSCD replication rate), FID against held-out emoji, held-out denoising loss,
@@ -203,8 +203,9 @@ def main() -> None:
     parser.add_argument("--variants", default="plain,iet,iet_agc,iet_agc_plus")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--distinct", type=int, default=1000, help="distinct training emoji")
-    parser.add_argument("--duplicated", type=int, default=50, help="how many of them are duplicated")
-    parser.add_argument("--copies", type=int, default=20, help="copies of each duplicated emoji")
+    # 50 x 20 copied nothing at the first sizing; 10 x 100 is the one measured since (docs/research/iet-agc.md)
+    parser.add_argument("--duplicated", type=int, default=10, help="how many of them are duplicated")
+    parser.add_argument("--copies", type=int, default=100, help="copies of each duplicated emoji")
     parser.add_argument("--holdout", type=int, default=500)
     parser.add_argument("--samples", type=int, default=100, help="generations per group (duplicated, unique)")
     parser.add_argument("--out", default=str(RESULTS / "emoji.json"))
