@@ -127,22 +127,18 @@ def measure(run_dir: Path, config, samples_per_group: int, seed: int) -> dict:
     train_images = train_set.as_model_input()
     detector = sscd.SSCD(config.eval.sscd_size)
     references = sscd.cached_embeddings(detector, train_set.pixels[distinct])
+    embedded = {group: detector.embed(to_uint8(images)) for group, images in generated.items()}
+    holdout_references = sscd.cached_embeddings(detector, holdout.pixels)
+    found = own_image_nearest(embedded["holdout"], holdout_references, references)
+    readings = {"holdout_extracted_sscd": found.double().mean().item()}
     row = {index: r for r, index in enumerate(distinct)}
-    readings = {}
-    for group in ("dup", "unique", "holdout"):
-        embedded = detector.embed(to_uint8(generated[group]))
-        if group == "holdout":
-            found = own_image_nearest(embedded, sscd.cached_embeddings(detector, holdout.pixels), references)
-        else:
-            rows = torch.tensor([row[i] for i in own[group]])
-            found = own_image_nearest(embedded, references[rows], references, own_index=rows)
+    for group in ("dup", "unique"):
+        rows = torch.tensor([row[i] for i in own[group]])
+        found = own_image_nearest(embedded[group], references[rows], references, own_index=rows)
         readings[f"{group}_extracted_sscd"] = found.double().mean().item()
-        if group == "holdout":
-            continue
         ratios = distance_ratio(distinct_nearest_neighbours(generated[group], train_images, k=2))
         readings[f"{group}_memorized_nn"] = memorized_fraction(ratios, config.eval.memorization_threshold)
-        found, _ = sscd.sscd_statistics(detector, to_uint8(generated[group]), train_set.pixels[distinct],
-                                        holdout.pixels)
+        found, _ = sscd.replication_statistics(embedded[group], references, holdout_references)
         readings[f"{group}_copy_rate_sscd"] = found["copy_rate_sscd"]
         readings[f"{group}_sim_95pc_sscd"] = found["sim_95pc_sscd"]
         readings["holdout_copy_rate_sscd"] = found["holdout_copy_rate_sscd"]

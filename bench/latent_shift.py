@@ -124,22 +124,19 @@ def main() -> None:
     images = load_image_folder(args.folder, args.size, 3).as_model_input()
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed))
     heldout, train = images[order[: args.heldout]], images[order[args.heldout:]]
+    vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True) if args.vae else small_sd_vae()
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    results = {"vae": {"factor": factor, "size": args.size}}
     if args.vae:
-        vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True)
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        results = {"vae": {"path": args.vae, "factor": factor, "size": args.size},
-                   "heldout": measure(vae, heldout, factor)}
+        results["vae"]["path"] = args.vae
     else:
-        vae = small_sd_vae()
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
         started = time.perf_counter()
         losses = train_vae(vae, train, args.steps, args.batch_size, args.seed)
-        results = {"vae": {"parameters": sum(p.numel() for p in vae.parameters()), "factor": factor,
-                           "size": args.size, "steps": args.steps, "batch_size": args.batch_size,
-                           "train_s": time.perf_counter() - started,
-                           "final_loss": sum(losses[-100:]) / len(losses[-100:])},
-                   "untrained": measure(small_sd_vae().eval(), heldout[:64], factor),
-                   "heldout": measure(vae, heldout, factor)}
+        results["vae"] |= {"parameters": sum(p.numel() for p in vae.parameters()), "steps": args.steps,
+                           "batch_size": args.batch_size, "train_s": time.perf_counter() - started,
+                           "final_loss": sum(losses[-100:]) / len(losses[-100:])}
+        results["untrained"] = measure(small_sd_vae().eval(), heldout[:64], factor)
+    results["heldout"] = measure(vae, heldout, factor)
     write_results(Path(args.out), results, markdown(results))
 
 

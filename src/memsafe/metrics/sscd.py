@@ -91,10 +91,18 @@ def sscd_statistics(detector: SSCD, samples: torch.Tensor, train: torch.Tensor,
                     holdout: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """(metrics, per-sample top-1 similarity) for uint8 `samples` against uint8 `train` images; with `holdout`,
     `holdout_copy_rate_sscd` is the share of real images never trained on that the detector still calls copies."""
-    train_embeddings = cached_embeddings(detector, train)
-    similarity, _ = top1_similarity(detector.embed(samples), train_embeddings)
-    metrics = replication(similarity, "") | {"sscd_size": detector.size}
-    if holdout is not None and len(holdout):
-        background, _ = top1_similarity(cached_embeddings(detector, holdout), train_embeddings)
+    holdout_embeddings = cached_embeddings(detector, holdout) if holdout is not None and len(holdout) else None
+    metrics, similarity = replication_statistics(detector.embed(samples), cached_embeddings(detector, train),
+                                                 holdout_embeddings)
+    return metrics | {"sscd_size": detector.size}, similarity
+
+
+def replication_statistics(samples: torch.Tensor, train: torch.Tensor,
+                           holdout: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
+    """`sscd_statistics` on embeddings already computed (samples, training and held-out images)."""
+    similarity, _ = top1_similarity(samples, train)
+    metrics = replication(similarity, "")
+    if holdout is not None:
+        background, _ = top1_similarity(holdout, train)
         metrics |= replication(background, "holdout_")
     return metrics, similarity
