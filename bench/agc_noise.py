@@ -4,7 +4,7 @@ the log loss of the second half of training into a timestep curve (20-step bins)
 (difficulty, or memorization) and a per-visit residual (the noise draw), and prints the spread of each
 sample's skip fraction (docs/research/iet-agc.md).
 
-    python bench/agc_noise.py WORKDIR ['{"agc_smoothing": 0.8}' [OUT.json]]   # default bench/results/agc_noise.json
+    python bench/agc_noise.py WORKDIR ['{"agc_smoothing": 0}' [OUT.json]]   # default bench/results/agc_noise.json
 """
 import json
 import sys

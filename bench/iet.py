@@ -20,15 +20,16 @@ from memsafe.runs import evaluate_run, train_run
 from results_io import RESULTS, seed_summary, without_metadata, write_results
 
 IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
+REFERENCE_RULE = {"defense.iet_agc.agc_smoothing": 0.0}  # AGC on one draw, as the public reference code
 VARIANTS = {
     "plain": {"defense.name": "none"},
     "iet": IET | {"defense.iet_agc.agc": False, "defense.iet_agc.redistribute": False, "defense.iet_agc.augment": False},
     "iet_agc": IET | {"defense.iet_agc.redistribute": False, "defense.iet_agc.augment": False},
     "iet_agc_redistribute": IET | {"defense.iet_agc.augment": False},
     "iet_agc_plus": IET,
-    # the skip and augmentation rule on a sample's relative loss averaged over its visits (docs/research/iet-agc.md)
-    "iet_agc_plus_smoothed": IET | {"defense.iet_agc.agc_smoothing": 0.8},
 }
+# Every AGC variant again under the reference rule (until 2026-12-05 the default; docs/research/iet-agc.md)
+VARIANTS |= {f"{name}_reference": VARIANTS[name] | REFERENCE_RULE for name in list(VARIANTS) if name.startswith("iet_agc")}
 METRICS = ("memorized_fraction", "copy_fraction", "fid", "wall_s")
 
 

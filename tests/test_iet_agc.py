@@ -12,7 +12,7 @@ from memsafe.defenses import build_trainer
 from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio
 from memsafe.defenses.iet_agc.augment import augment_batch, augmentation_strength
 from memsafe.defenses.iet_agc.config import IETConfig
-from memsafe.defenses.iet_agc.driver import IETTrainer
+from memsafe.defenses.iet_agc.driver import IETTrainer, OuterStep
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
 from tests.conftest import tiny_config_dict
@@ -112,16 +112,21 @@ def test_augmentation_strength_is_monotone_in_loss():
     assert torch.equal(first, augment_batch(images, torch.full((64,), 0.5), config))  # reproducible
 
 
-def test_iet_run_spends_the_same_sample_budget_and_resumes_exactly(tiny_config, tmp_path):
+@pytest.mark.parametrize("outer", [{}, {"defense.iet_agc.outer_learning_rate": 0.7, "defense.iet_agc.outer_momentum": 0.9}],
+                         ids=["mean", "outer-nesterov"])
+def test_iet_run_spends_the_same_sample_budget_and_resumes_exactly(tiny_config, tmp_path, outer):
     config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 2,
                                  "defense.iet_agc.local_steps": 5, "train.max_steps": 50,
-                                 "train.checkpoint_every": 10, "train.ema": True, "train.checkpoints_total_limit": 5})
+                                 "train.checkpoint_every": 10, "train.ema": True, "train.checkpoints_total_limit": 5}
+                   | outer)
     train_set, _ = load_dataset(config.data)
     straight = build_trainer(config, train_set)
     assert isinstance(straight, IETTrainer)
     stats = straight.fit(checkpoint_dir=tmp_path / "a", progress=False)
     assert straight.samples_seen == 50 * 16 and straight.step == 50 and stats["rounds"] == 5
     assert straight.ledger.visits.sum() == 50 * 16
+    # each proxy's EMA steps once per 2 global steps, so it decays twice as much per step (same horizon)
+    assert straight.ema.decay == pytest.approx(config.train.ema_decay ** 2)
 
     resumed = build_trainer(config, train_set)
     checkpoints = sorted((tmp_path / "a").iterdir())
@@ -134,6 +139,7 @@ def test_iet_run_spends_the_same_sample_budget_and_resumes_exactly(tiny_config, 
     for a, b in zip(straight.global_trainer.unwrapped.parameters(), resumed.global_trainer.unwrapped.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(straight.ledger.skips, resumed.ledger.skips)
+    assert resumed.ema.decay == straight.ema.decay
 
 
 def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
@@ -233,3 +239,23 @@ def test_smoothed_agc_skips_a_persistently_low_sample_not_one_low_draw():
     reference = AntiGradientControl(bank, SampleLedger(2), ratio=2.0)
     bank.values.fill_(1.0)
     assert reference.on_losses(torch.tensor([0.2, 1.0]), batch, None).tolist() == [0.0, 1.0]  # one draw decides
+
+
+def test_outer_step_is_nesterov_sgd_on_the_rounds_pseudo_gradient():
+    """DiLoCo's outer optimizer: torch's own Nesterov SGD, stepped on (round start - proxies' mean)."""
+    torch.manual_seed(0)
+    start = [torch.randn(3, 4), torch.randn(5)]
+    outer = OuterStep(start, learning_rate=0.7, momentum=0.9)
+    reference = [torch.nn.Parameter(t.clone()) for t in start]
+    sgd = torch.optim.SGD(reference, lr=0.7, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        mean = [p.detach() + 0.1 * torch.randn_like(p) for p in reference]  # where the proxies went this round
+        for p, m in zip(reference, mean):
+            p.grad = p.detach() - m
+        sgd.step()
+        stepped = outer.step(mean)
+        for mine, theirs in zip(stepped, reference):
+            torch.testing.assert_close(mine, theirs.detach())
+    plain = OuterStep(start, learning_rate=1.0, momentum=0.0)
+    mean = [t + 1.0 for t in start]
+    assert all(torch.equal(a, b) for a, b in zip(plain.step(mean), mean))  # lr 1, no momentum: the plain mean

@@ -50,6 +50,25 @@ class AdapterSlots:
         return self.live if index == self.active else self.saved[index]
 
 
+class OuterStep:
+    """The round's update as DiLoCo's outer optimizer makes it (Douillard et al., 2023): the change of the
+    averaged proxies from the round's start is a pseudo-gradient, stepped by Nesterov momentum SGD."""
+
+    def __init__(self, start: list[torch.Tensor], learning_rate: float, momentum: float):
+        self.anchor = [t.detach().float().clone() for t in start]  # the global weights at the round's start
+        self.velocity = [torch.zeros_like(t) for t in self.anchor]
+        self.learning_rate, self.momentum = learning_rate, momentum
+
+    @torch.no_grad()
+    def step(self, mean: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The next global weights from the proxies' mean."""
+        for anchor, velocity, average in zip(self.anchor, self.velocity, mean):
+            gradient = anchor - average.float()
+            velocity.mul_(self.momentum).add_(gradient)
+            anchor.sub_(self.learning_rate * (gradient + self.momentum * velocity))
+        return self.anchor
+
+
 class IETTrainer:
     """K proxy Trainers over shards, aggregated every round (train.protocol.TrainerLike).
 
@@ -109,7 +128,13 @@ class IETTrainer:
                     inputs=None if first is None else first.pixels,
                 )
             )
+        for proxy in self.proxies:
+            if proxy.ema is not None:  # a proxy steps once per K global steps: the same horizon in samples seen
+                proxy.ema.decay = config.train.ema_decay ** iet.shards
         self.slots = AdapterSlots(self.proxies[0].unwrapped, len(self.proxies)) if shared_base else None
+        self.outer = None
+        if iet.outer_learning_rate != 1.0 or iet.outer_momentum:
+            self.outer = OuterStep(self.weights(0), iet.outer_learning_rate, iet.outer_momentum)
         self.round = 0
         self.step = 0
         self.last_log: dict[str, float] = {}
@@ -213,6 +238,8 @@ class IETTrainer:
     def aggregate(self) -> None:
         """Global weights (and EMA weights) = shard-size-weighted mean of the proxies', loaded into all."""
         mean = self._weighted_sum(self.weights)
+        if self.outer is not None:
+            mean = self.outer.step(mean)
         for index in range(len(self.proxies)):
             for tensor, value in zip(self.weights(index), mean):
                 tensor.copy_(value)
@@ -235,7 +262,7 @@ class IETTrainer:
             "round": self.round,
             "step": self.step,
             "samples_seen": self.samples_seen,
-        }
+        } | ({"outer_velocity": {str(i): v for i, v in enumerate(self.outer.velocity)}} if self.outer is not None else {})
 
     def save_checkpoint(self, root: Path) -> Path:
         """Every process writes its own proxies into the one checkpoint folder."""
@@ -260,3 +287,7 @@ class IETTrainer:
         self.assignment.copy_(state["assignment"])
         self.ledger.load_state_dict(state["ledger"])
         self.round, self.step = state["round"], state["step"]
+        if self.outer is not None:  # checkpoints are written between rounds: the global weights are the anchor
+            self.outer = OuterStep(self.weights(0), self.outer.learning_rate, self.outer.momentum)
+            for i, velocity in enumerate(self.outer.velocity):
+                velocity.copy_(state["outer_velocity"][str(i)])
