@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from iet import VARIANTS  # noqa: E402
-from results_io import RESULTS, seed_summary, without_metadata, write_results  # noqa: E402
+from results_io import RESULTS, previous_runs, seed_summary, write_results  # noqa: E402
 
 from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
@@ -196,6 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="a folder written by `memsafe data emoji ... --size 32`")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seed-list", help="comma-separated seeds instead of 0..seeds-1")
     parser.add_argument("--variants", default="plain,iet,iet_agc,iet_agc_plus")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--distinct", type=int, default=1000, help="distinct training emoji")
@@ -213,20 +214,19 @@ def main() -> None:
     extra = {k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in args.set)}
     names = args.variants.split(",")
     out = Path(args.out)
-    previous = json.loads(out.read_text()) if args.merge and out.is_file() else {}
-    runs: dict[str, list[dict]] = {n: list(v["runs"]) for n, v in without_metadata(previous).items()}
+    runs, history = previous_runs(out, args.merge)
     settings = {k: getattr(args, k) for k in ("steps", "distinct", "duplicated", "copies", "holdout", "samples")}
     with tempfile.TemporaryDirectory() as tmp:
         train, holdout = split_emoji(Path(args.folder), args.distinct, args.duplicated, args.copies, args.holdout,
                                      0, Path(tmp) / "data")
-        for seed in range(args.seeds):
+        for seed in [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds):
             for name in names:
                 record = run_variant(name, seed, args, train, holdout, Path(tmp) / "runs", extra)
                 runs[name] = sorted([r for r in runs.get(name, []) if r["seed"] != seed] + [record],
                                     key=lambda r: r["seed"])
                 print(json.dumps({"variant": name, **record}), flush=True)
                 results = {n: seed_summary(runs[n], READINGS) for n in VARIANTS if n in runs}
-                write_results(out, results | {"settings": settings | {"set": extra}}, markdown(results), echo=False)
+                write_results(out, results | history | {"settings": settings | {"set": extra}}, markdown(results), echo=False)
     print("\n".join(markdown(results)))
 
 

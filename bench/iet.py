@@ -17,7 +17,7 @@ from pathlib import Path
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
-from results_io import RESULTS, seed_summary, without_metadata, write_results
+from results_io import RESULTS, previous_runs, seed_summary, write_results
 
 IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
 REFERENCE_RULE = {"defense.iet_agc.agc_smoothing": 0.0}  # AGC on one draw, as the public reference code
@@ -83,8 +83,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seed_list.split(",")] if args.seed_list else list(range(args.seeds))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    previous = json.loads(out.read_text()) if args.merge and out.is_file() else {}
-    runs: dict[str, list[dict]] = {n: list(v["runs"]) for n, v in without_metadata(previous).items()}
+    runs, history = previous_runs(out, args.merge)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for name in names:
@@ -93,7 +92,7 @@ def main() -> None:
                 print(json.dumps({"variant": name, **record}), flush=True)
                 order = [n for n in VARIANTS if n in runs]
                 results = {n: seed_summary(runs[n], METRICS) for n in order}
-                write_results(out, results, [markdown(results).rstrip()], echo=False)
+                write_results(out, results | history, [markdown(results).rstrip()], echo=False)
     print(markdown(results))
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 # Keys of a results file that are not variants: its settings and where it came from (`provenance`).
-METADATA = ("settings", "command", "git_commit", "uncommitted_changes", "date", "recorded")
+METADATA = ("settings", "command", "git_commit", "uncommitted_changes", "date", "recorded", "renamed")
+CARRIED = ("recorded", "renamed")  # notes on a file's history, kept when runs are merged into it
 
 
 def provenance() -> dict:
@@ -26,6 +27,13 @@ def provenance() -> dict:
     return {"command": " ".join(["python", *sys.argv]), "git_commit": git("rev-parse", "HEAD"),
             "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
             "date": time.strftime("%Y-%m-%d")}
+
+
+def previous_runs(out: Path, merge: bool) -> tuple[dict[str, list[dict]], dict]:
+    """The runs per variant already in `out` (none unless merging) and the history notes to carry forward."""
+    previous = json.loads(out.read_text()) if merge and out.is_file() else {}
+    runs = {name: list(value["runs"]) for name, value in without_metadata(previous).items()}
+    return runs, {key: previous[key] for key in CARRIED if key in previous}
 
 
 def without_metadata(results: dict) -> dict:
