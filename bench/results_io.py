@@ -25,7 +25,9 @@ def provenance() -> dict:
         return done.stdout.strip() if done.returncode == 0 else "unknown"
 
     return {"command": " ".join(["python", *sys.argv]), "git_commit": git("rev-parse", "HEAD"),
-            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
+            # the results folder is left out: a benchmark that merges seeds rewrites its own file between runs
+            "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                            ":(exclude)bench/results")),
             "date": time.strftime("%Y-%m-%d")}
 
 
