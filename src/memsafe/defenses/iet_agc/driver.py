@@ -262,7 +262,7 @@ class IETTrainer:
             "round": self.round,
             "step": self.step,
             "samples_seen": self.samples_seen,
-        } | ({"outer_velocity": {str(i): v for i, v in enumerate(self.outer.velocity)}} if self.outer is not None else {})
+        } | ({} if self.outer is None else {"outer_velocity": {str(i): v for i, v in enumerate(self.outer.velocity)}})
 
     def save_checkpoint(self, root: Path) -> Path:
         """Every process writes its own proxies into the one checkpoint folder."""
@@ -288,6 +288,7 @@ class IETTrainer:
         self.ledger.load_state_dict(state["ledger"])
         self.round, self.step = state["round"], state["step"]
         if self.outer is not None:  # checkpoints are written between rounds: the global weights are the anchor
-            self.outer = OuterStep(self.weights(0), self.outer.learning_rate, self.outer.momentum)
-            for i, velocity in enumerate(self.outer.velocity):
+            outer = self.outer
+            for i, (anchor, velocity, weight) in enumerate(zip(outer.anchor, outer.velocity, self.weights(0))):
+                anchor.copy_(weight)
                 velocity.copy_(state["outer_velocity"][str(i)])
