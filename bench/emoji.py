@@ -39,16 +39,19 @@ from memsafe.metrics.nearest import distance_ratio, distinct_nearest_neighbours,
 from memsafe.models.text import TextEncoder  # noqa: E402
 from memsafe.models.unet import build_noise_scheduler  # noqa: E402
 from memsafe.runs import load_run_unet, prompt_sampler, run_heldout_loss, train_run  # noqa: E402
+from memsafe.train.checkpoint import latest_checkpoint, read_state  # noqa: E402
 
-# Plain training stopped where each of IET's K proxies stops (a quarter of the budget): the baseline for what
-# proxy averaging amounts to at this budget, and the defense people would otherwise pick (early stopping).
-VARIANTS = {"plain": IET_VARIANTS["plain"], "plain_early_stop": IET_VARIANTS["plain"]} | IET_VARIANTS
-UNDEFENDED = ("plain", "plain_early_stop")
+# The defenses people would otherwise pick, both plain training: stopped where each of IET's K proxies stops
+# (a quarter of the budget: what proxy averaging amounts to at this budget), and on deduplicated data (every
+# distinct emoji once, same steps; measured against the full training set like every other variant).
+VARIANTS = {"plain": IET_VARIANTS["plain"], "plain_early_stop": IET_VARIANTS["plain"],
+            "plain_dedup": IET_VARIANTS["plain"]} | IET_VARIANTS
+UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
             "dup_memorized_nn", "dup_copy_rate_sscd", "unique_memorized_nn", "unique_copy_rate_sscd",
             "holdout_copy_rate_sscd", "fid", "heldout_loss", "mia_auc", "mia_tpr_at_1pct_fpr", "dup_mia_auc",
-            "dup_loss_ratio", "wall_s")
+            "dup_loss_ratio", "dup_skip_rate", "unique_skip_rate", "wall_s")
 
 
 def base_config(train: Path, holdout: Path, steps: int) -> dict:
@@ -69,9 +72,9 @@ def base_config(train: Path, holdout: Path, steps: int) -> dict:
 
 def split_emoji(folder: Path, distinct: int, duplicated: int, copies: int, holdout: int, seed: int,
                 work: Path) -> tuple[Path, Path]:
-    """train/ (distinct emoji once, `duplicated` of them `copies` times, hard links) and holdout/, split by
-    emoji name so both art styles of one emoji fall on the same side; skin-tone variants left out (they are
-    near-copies of one another)."""
+    """train/ (distinct emoji once, `duplicated` of them `copies` times, hard links), train_dedup/ (every
+    distinct emoji once) and holdout/, split by emoji name so both art styles of one emoji fall on the same
+    side; skin-tone variants left out (they are near-copies of one another)."""
     records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     records = [r for r in records if "skin tone" not in r["name"]]
     names = sorted({r["name"] for r in records})
@@ -89,7 +92,7 @@ def split_emoji(folder: Path, distinct: int, duplicated: int, copies: int, holdo
     if len(picked_train) < distinct or len(picked_holdout) < holdout:
         raise SystemExit(f"{folder} has too few distinct emoji for {distinct} training + {holdout} held-out images")
     dup = set(random.Random(seed + 1).sample(range(distinct), duplicated))
-    for side, picked in (("train", picked_train), ("holdout", picked_holdout)):
+    for side, picked in (("train", picked_train), ("train_dedup", picked_train), ("holdout", picked_holdout)):
         (work / side).mkdir(parents=True)
         lines = []
         for index, record in enumerate(picked):
@@ -152,7 +155,21 @@ def measure(run_dir: Path, config, samples_per_group: int, seed: int) -> dict:
     readings["fid"] = fid_with_features(holdout.as_model_input(), generated["holdout"], domain_feature_net(real, False))
     readings["heldout_loss"] = run_heldout_loss(run_dir, holdout).mean().item()
     readings |= membership(unet, config, train_set, holdout, unique, dup_distinct)
-    return readings
+    return readings | agc_skip_rates(run_dir, dup)
+
+
+def agc_skip_rates(run_dir: Path, dup: torch.Tensor) -> dict:
+    """AGC's premise checked where it matters: the share of the duplicated images' visits that AGC skipped
+    over the run, beside the unique images' (from the last checkpoint's ledger; IET runs only)."""
+    last = latest_checkpoint(run_dir / "checkpoints")
+    if last is None or not (last / "iet.json").is_file():
+        return {}
+    ledger = read_state(last / "iet")["ledger"]
+
+    def rate(mask: torch.Tensor) -> float:
+        return (ledger["skips"][mask].sum() / ledger["visits"][mask].sum().clamp_min(1)).item()
+
+    return {"dup_skip_rate": rate(dup), "unique_skip_rate": rate(~dup)}
 
 
 def membership(unet, config, train_set, holdout, unique: list[int], dup_distinct: list[int]) -> dict:
@@ -179,8 +196,9 @@ def run_variant(name: str, seed: int, args, train: Path, holdout: Path, root: Pa
     values = base_config(train, holdout, steps)
     config = merge(config_from_dict(values), VARIANTS[name] | (extra if name not in UNDEFENDED else {})
                    | {"train.seed": seed, "output_dir": str(root / f"{name}-{seed}")})
+    trained_on = merge(config, {"data.source": str(train.parent / "train_dedup")}) if name == "plain_dedup" else config
     started = time.perf_counter()
-    run_dir = train_run(config, progress=sys.stderr.isatty())
+    run_dir = train_run(trained_on, progress=sys.stderr.isatty())
     wall = time.perf_counter() - started
     return {"seed": seed, "wall_s": wall, "steps": steps, **measure(run_dir, config, args.samples, seed)}
 
@@ -189,12 +207,12 @@ def markdown(results: dict) -> list[str]:
     plain = results.get("plain")
     shown = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd", "dup_memorized_nn",
              "dup_copy_rate_sscd", "unique_copy_rate_sscd", "holdout_copy_rate_sscd", "fid",
-             "heldout_loss", "mia_auc", "dup_loss_ratio", "wall_s")
+             "heldout_loss", "mia_auc", "dup_loss_ratio", "dup_skip_rate", "unique_skip_rate", "wall_s")
     lines = ["| variant | " + " | ".join(shown) + " | FID vs plain | held-out loss vs plain |",
              "|---|" + "---|" * (len(shown) + 2)]
     for name, r in results.items():
         relative = lambda key: f"{(r[key] / plain[key] - 1) * 100:+.1f} %" if plain and plain[key] else "-"  # noqa: E731
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f} ± {r[f'{k}_std']:.3f}" for k in shown)
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f} ± {r[f'{k}_std']:.3f}" if k in r else "-" for k in shown)
                      + f" | {relative('fid')} | {relative('heldout_loss')} |")
     return lines
 

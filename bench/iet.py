@@ -30,7 +30,7 @@ VARIANTS = {
 }
 # Every AGC variant again under the reference rule (until 2026-12-05 the default; docs/research/iet-agc.md)
 VARIANTS |= {f"{name}_reference": VARIANTS[name] | REFERENCE_RULE for name in list(VARIANTS) if name.startswith("iet_agc")}
-METRICS = ("memorized_fraction", "copy_fraction", "fid", "wall_s")
+METRICS = ("memorized_fraction", "copy_fraction", "fid", "mia_auc", "mia_tpr_at_1pct_fpr", "wall_s")
 
 
 def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict | None = None) -> dict:
@@ -51,15 +51,17 @@ def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict
 def markdown(results: dict) -> str:
     plain = results.get("plain")
     lines = [
-        "| variant | memorized (NN ratio < 1/3) | vs plain | copy fraction | FID (domain) | FID vs plain | wall s | wall vs plain |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | memorized (NN ratio < 1/3) | vs plain | copy fraction | FID (domain) | FID vs plain | MIA AUC | wall s "
+        "| wall vs plain |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         rel = lambda key: f"{(r[key] / plain[key] - 1) * 100:+.0f} %" if plain and plain[key] else "-"  # noqa: E731
+        mia = f"{r['mia_auc']:.3f} ± {r['mia_auc_std']:.3f}" if "mia_auc" in r else "-"  # runs before 2026-12-05 lack it
         lines.append(
             f"| {name} | {r['memorized_fraction']:.3f} ± {r['memorized_fraction_std']:.3f} | {rel('memorized_fraction')} "
             f"| {r['copy_fraction']:.3f} ± {r['copy_fraction_std']:.3f} | {r['fid']:.3f} ± {r['fid_std']:.3f} "
-            f"| {rel('fid')} | {r['wall_s']:.0f} ± {r['wall_s_std']:.0f} | {rel('wall_s')} |"
+            f"| {rel('fid')} | {mia} | {r['wall_s']:.0f} ± {r['wall_s_std']:.0f} | {rel('wall_s')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -44,9 +44,10 @@ def without_metadata(results: dict) -> dict:
 
 
 def seed_summary(runs: list[dict], keys) -> dict:
-    """Mean and standard deviation over seeds of each reading in `keys`, with the seeds and the runs."""
+    """Mean and standard deviation over seeds of each reading in `keys` that every run has (runs merged from an
+    older version may lack a newer reading), with the seeds and the runs."""
     out = {}
-    for key in keys:
+    for key in (k for k in keys if all(k in r for r in runs)):
         values = [r[key] for r in runs]
         out[key] = statistics.fmean(values)
         out[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
