@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from iet import IET  # noqa: E402
 from iet import VARIANTS as IET_VARIANTS  # noqa: E402
-from results_io import RESULTS, previous_runs, seed_summary, write_results  # noqa: E402
+from results_io import RESULTS, add_run, previous_runs, seed_summary, write_results  # noqa: E402
 
 from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
@@ -247,8 +247,7 @@ def main() -> None:
         for seed in [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds):
             for name in names:
                 record = run_variant(name, seed, args, train, holdout, Path(tmp) / "runs", extra)
-                runs[name] = sorted([r for r in runs.get(name, []) if r["seed"] != seed] + [record],
-                                    key=lambda r: r["seed"])
+                add_run(runs, name, record)
                 print(json.dumps({"variant": name, **record}), flush=True)
                 results = {n: seed_summary(runs[n], READINGS) for n in VARIANTS if n in runs}
                 write_results(out, results | history | {"settings": settings | {"set": extra}}, markdown(results), echo=False)

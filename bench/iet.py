@@ -17,7 +17,7 @@ from pathlib import Path
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
-from results_io import RESULTS, previous_runs, seed_summary, write_results
+from results_io import RESULTS, add_run, previous_runs, seed_summary, write_results
 
 IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
 REFERENCE_RULE = {"defense.iet_agc.agc_smoothing": 0.0}  # AGC on one draw, as the public reference code
@@ -90,7 +90,7 @@ def main() -> None:
         for seed in seeds:
             for name in names:
                 record = run_variant(name, seed, args.steps, Path(tmp), extra)
-                runs[name] = sorted([r for r in runs.get(name, []) if r["seed"] != seed] + [record], key=lambda r: r["seed"])
+                add_run(runs, name, record)
                 print(json.dumps({"variant": name, **record}), flush=True)
                 order = [n for n in VARIANTS if n in runs]
                 results = {n: seed_summary(runs[n], METRICS) for n in order}

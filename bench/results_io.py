@@ -38,6 +38,15 @@ def previous_runs(out: Path, merge: bool) -> tuple[dict[str, list[dict]], dict]:
     return runs, {key: previous[key] for key in CARRIED if key in previous}
 
 
+def add_run(runs: dict[str, list[dict]], name: str, record: dict) -> None:
+    """Puts a new run of variant `name` into `runs` (replacing one of the same seed), stamped with the command
+    line and commit that produced it: a file merged from several invocations names only the last at its top."""
+    stamp = provenance()
+    record = record | {key: stamp[key] for key in ("command", "git_commit", "uncommitted_changes")}
+    runs[name] = sorted([r for r in runs.get(name, []) if r["seed"] != record["seed"]] + [record],
+                        key=lambda r: r["seed"])
+
+
 def without_metadata(results: dict) -> dict:
     """The results of a file without its metadata keys."""
     return {name: value for name, value in results.items() if name not in METADATA}
