@@ -46,8 +46,6 @@ from memsafe.train.checkpoint import latest_checkpoint, read_state  # noqa: E402
 # distinct emoji once, same steps; measured against the full training set like every other variant).
 VARIANTS = {"plain": IET_VARIANTS["plain"], "plain_early_stop": IET_VARIANTS["plain"],
             "plain_dedup": IET_VARIANTS["plain"]} | IET_VARIANTS
-# AGC's bank fed by the calibration/ split's losses instead of the training draws' (calibration.py)
-VARIANTS["iet_agc_plus_calibrated"] = IET_VARIANTS["iet_agc_plus"]
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
@@ -72,12 +70,11 @@ def base_config(train: Path, holdout: Path, steps: int) -> dict:
     }
 
 
-def split_emoji(folder: Path, distinct: int, duplicated: int, copies: int, holdout: int, calibration: int, seed: int,
+def split_emoji(folder: Path, distinct: int, duplicated: int, copies: int, holdout: int, seed: int,
                 work: Path) -> tuple[Path, Path]:
     """train/ (distinct emoji once, `duplicated` of them `copies` times, hard links), train_dedup/ (every
-    distinct emoji once), holdout/ (evaluation) and calibration/ (held out for AGC's bank: never trained on,
-    never evaluated), split by emoji name so both art styles of one emoji fall on the same side; skin-tone
-    variants left out (they are near-copies of one another)."""
+    distinct emoji once) and holdout/, split by emoji name so both art styles of one emoji fall on the same
+    side; skin-tone variants left out (they are near-copies of one another)."""
     records = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     records = [r for r in records if "skin tone" not in r["name"]]
     names = sorted({r["name"] for r in records})
@@ -85,26 +82,20 @@ def split_emoji(folder: Path, distinct: int, duplicated: int, copies: int, holdo
     by_name: dict[str, list[dict]] = {}
     for record in records:
         by_name.setdefault(record["name"], []).append(record)
-    wanted = {"train": distinct, "holdout": holdout, "calibration": calibration}
-    picked: dict[str, list[dict]] = {side: [] for side in wanted}
-    sides = iter(wanted)
-    side = next(sides)
+    picked_train, picked_holdout = [], []
     for name in names:
-        while side is not None and len(picked[side]) >= wanted[side]:
-            side = next(sides, None)
-        if side is None:
+        side = picked_train if len(picked_train) < distinct else picked_holdout
+        if len(picked_holdout) >= holdout:
             break
-        picked[side].extend(by_name[name])
-    picked = {side: picked[side][:count] for side, count in wanted.items()}
-    if any(len(picked[side]) < count for side, count in wanted.items()):
-        raise SystemExit(f"{folder} has too few distinct emoji for {distinct} training + {holdout} held-out + "
-                         f"{calibration} calibration images")
+        side.extend(by_name[name])
+    picked_train, picked_holdout = picked_train[:distinct], picked_holdout[:holdout]
+    if len(picked_train) < distinct or len(picked_holdout) < holdout:
+        raise SystemExit(f"{folder} has too few distinct emoji for {distinct} training + {holdout} held-out images")
     dup = set(random.Random(seed + 1).sample(range(distinct), duplicated))
-    picked["train_dedup"] = picked["train"]
-    for side, records in picked.items():
+    for side, picked in (("train", picked_train), ("train_dedup", picked_train), ("holdout", picked_holdout)):
         (work / side).mkdir(parents=True)
         lines = []
-        for index, record in enumerate(records):
+        for index, record in enumerate(picked):
             repeats = copies if side == "train" and index in dup else 1
             for copy in range(repeats):
                 name = f"{index:05d}-{copy:02d}.png"
@@ -206,8 +197,6 @@ def run_variant(name: str, seed: int, args, train: Path, holdout: Path, root: Pa
     config = merge(config_from_dict(values), VARIANTS[name] | (extra if name not in UNDEFENDED else {})
                    | {"train.seed": seed, "output_dir": str(root / f"{name}-{seed}")})
     trained_on = merge(config, {"data.source": str(train.parent / "train_dedup")}) if name == "plain_dedup" else config
-    if name.endswith("_calibrated"):
-        trained_on = merge(trained_on, {"defense.iet_agc.calibration_source": str(train.parent / "calibration")})
     started = time.perf_counter()
     run_dir = train_run(trained_on, progress=sys.stderr.isatty())
     wall = time.perf_counter() - started
@@ -240,7 +229,6 @@ def main() -> None:
     parser.add_argument("--duplicated", type=int, default=10, help="how many of them are duplicated")
     parser.add_argument("--copies", type=int, default=100, help="copies of each duplicated emoji")
     parser.add_argument("--holdout", type=int, default=500)
-    parser.add_argument("--calibration", type=int, default=250, help="held-out images for the calibrated AGC bank")
     parser.add_argument("--samples", type=int, default=100, help="generations per group (duplicated, unique)")
     parser.add_argument("--out", default=str(RESULTS / "emoji.json"))
     parser.add_argument("--merge", action="store_true", help="add to an existing --out (same variant+seed replaced)")
@@ -252,11 +240,10 @@ def main() -> None:
     names = args.variants.split(",")
     out = Path(args.out)
     runs, history = previous_runs(out, args.merge)
-    settings = {k: getattr(args, k) for k in ("steps", "distinct", "duplicated", "copies", "holdout", "calibration",
-                                              "samples")}
+    settings = {k: getattr(args, k) for k in ("steps", "distinct", "duplicated", "copies", "holdout", "samples")}
     with tempfile.TemporaryDirectory() as tmp:
         train, holdout = split_emoji(Path(args.folder), args.distinct, args.duplicated, args.copies, args.holdout,
-                                     args.calibration, 0, Path(tmp) / "data")
+                                     0, Path(tmp) / "data")
         for seed in [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds):
             for name in names:
                 record = run_variant(name, seed, args, train, holdout, Path(tmp) / "runs", extra)

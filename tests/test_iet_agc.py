@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from memsafe.cli import main
-from memsafe.config import config_from_dict, merge
+from memsafe.config import merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
 from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio
@@ -16,7 +16,6 @@ from memsafe.defenses.iet_agc.driver import IETTrainer, OuterStep
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
 from tests.conftest import tiny_config_dict
-from tests.test_iet_quality import glyph_folder
 
 IET = {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 5}}
 
@@ -113,12 +112,9 @@ def test_augmentation_strength_is_monotone_in_loss():
     assert torch.equal(first, augment_batch(images, torch.full((64,), 0.5), config))  # reproducible
 
 
-@pytest.mark.parametrize("outer", [{}, {"defense.iet_agc.outer_learning_rate": 0.7, "defense.iet_agc.outer_momentum": 0.9},
-                                   {"defense.iet_agc.calibration_source": "glyphs"}],
-                         ids=["mean", "outer-nesterov", "calibrated"])
+@pytest.mark.parametrize("outer", [{}, {"defense.iet_agc.outer_learning_rate": 0.7, "defense.iet_agc.outer_momentum": 0.9}],
+                         ids=["mean", "outer-nesterov"])
 def test_iet_run_spends_the_same_sample_budget_and_resumes_exactly(tiny_config, tmp_path, outer):
-    if "defense.iet_agc.calibration_source" in outer:
-        outer = {"defense.iet_agc.calibration_source": str(glyph_folder(tmp_path / "glyphs", count=16, size=8))}
     config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 2,
                                  "defense.iet_agc.local_steps": 5, "train.max_steps": 50,
                                  "train.checkpoint_every": 10, "train.ema": True, "train.checkpoints_total_limit": 5}
@@ -168,9 +164,6 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
          "gives 1 round(s), and IET-AGC+ needs at least 5 to learn: raise train.max_steps to 5000"),
         ({"name": "iet_agc", "iet_agc": {"rounds": 5, "local_steps": 5}}, "set rounds or local_steps, not both"),
         ({"name": "iet_agc", "iet_agc": {"shards": 2}, "max_steps": 10}, "all within train.warmup_steps 5"),
-        ({"name": "iet_agc", "iet_agc": {"calibration_source": "/nowhere"}},
-         "defense.iet_agc.calibration_source is not a folder: /nowhere"),
-        ({"name": "iet_agc", "iet_agc": {"calibration_batch": 0}}, "calibration_batch must be at least 1, got 0"),
     ],
 )
 def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message):
@@ -266,32 +259,3 @@ def test_outer_step_is_nesterov_sgd_on_the_rounds_pseudo_gradient():
     plain = OuterStep(start, learning_rate=1.0, momentum=0.0)
     mean = [t + 1.0 for t in start]
     assert all(torch.equal(a, b) for a, b in zip(plain.step(mean), mean))  # lr 1, no momentum: the plain mean
-
-
-def test_loss_bank_bins_cover_consecutive_timesteps():
-    bank = LossBank(num_timesteps=1000, decay=0.0, bins=50)
-    assert bank.bin(torch.tensor([0, 19, 20, 999])).tolist() == [0, 0, 1, 49]
-    bank.update(torch.tensor([2.0, 4.0]), torch.tensor([5, 25]))
-    assert bank.relative(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0, 39, 40])).tolist() == [0.5, 0.25, math.inf]
-
-
-def test_calibrated_bank_is_not_pulled_down_by_a_memorized_duplicate(tmp_path):
-    """One glyph copied 48 times is all the training set: the draws' own bank falls with its loss and skips
-    almost nothing; a bank fed by other glyphs' losses stays above it and skips it."""
-    glyphs = glyph_folder(tmp_path / "glyphs", count=40, size=8)
-    train = tmp_path / "train"
-    train.mkdir()
-    for i in range(48):
-        (train / f"{i:02d}.png").write_bytes((glyphs / "000.png").read_bytes())
-    skip_rates, banks = [], []
-    for calibration in (None, str(glyphs)):
-        iet = {"shards": 1, "local_steps": 10, "augment": False, "redistribute": False, "calibration_source": calibration}
-        config = config_from_dict(tiny_config_dict(
-            tmp_path / "run", data={"source": str(train), "holdout_images": 8, "max_train_images": None},
-            defense={"name": "iet_agc", "iet_agc": iet}, train={"max_steps": 60}))
-        trainer = build_trainer(config, load_dataset(config.data)[0])
-        trainer.fit(progress=False)
-        skip_rates.append((trainer.ledger.skips.sum() / trainer.ledger.visits.sum()).item())
-        banks.append(trainer.agc[0].bank.values)
-    assert len(banks[0]) == 1000 and len(banks[1]) == 50  # one bin per timestep; 50 wider ones when calibrated
-    assert skip_rates[1] > 3 * skip_rates[0] and skip_rates[1] > 0.05, skip_rates

@@ -82,50 +82,39 @@ class SampleLedger:
 
 
 class LossBank:
-    """Running loss of one proxy per timestep, as in the reference: starts at 0, EMA with `decay`. With fewer
-    `bins` than timesteps, each bin covers as many consecutive timesteps (a sparser feed needs wider bins)."""
+    """Running per-timestep loss of one proxy, as in the reference: starts at 0, EMA with `decay`."""
 
-    def __init__(self, num_timesteps: int, decay: float, bins: int | None = None):
-        self.num_timesteps = num_timesteps
-        self.values = torch.zeros(bins or num_timesteps, dtype=torch.float64)
+    def __init__(self, num_timesteps: int, decay: float):
+        self.values = torch.zeros(num_timesteps, dtype=torch.float64)
         self.decay = decay
 
-    def bin(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return timesteps.long() * len(self.values) // self.num_timesteps
-
     def relative(self, losses: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        bank = self.values[self.bin(timesteps)]
+        bank = self.values[timesteps]
         return torch.where(bank > 0, losses.double() / bank.clamp_min(1e-30), torch.full_like(bank, math.inf))
 
     def update(self, losses: torch.Tensor, timesteps: torch.Tensor) -> None:
-        # Sequential, as the reference: two samples in the same bin both enter the average.
-        for b, loss in zip(self.bin(timesteps).tolist(), losses.double().tolist()):
-            self.values[b] = self.decay * self.values[b] + (1 - self.decay) * loss
+        # Sequential, as the reference: two samples with the same t both enter the average.
+        for t, loss in zip(timesteps.tolist(), losses.double().tolist()):
+            self.values[t] = self.decay * self.values[t] + (1 - self.decay) * loss
 
 
 class AntiGradientControl(TrainHook):
     """Skips a sample when its relative loss (loss / bank[t], averaged over its visits when the ledger
-    smooths) times lambda is below 1; with `skip=False` it only keeps the statistics. The bank follows the
-    training draws' losses after each batch (the reference code), or, given a `calibration`
-    (CalibrationLosses), held-out images' losses before it."""
+    smooths) times lambda is below 1; with `skip=False` it only keeps the statistics."""
 
     name = "agc"
 
-    def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, calibration=None):
+    def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
-        self.calibration = calibration
         self.kept = 0
         self.seen = 0
 
     def on_losses(self, losses, batch, trainer):
         losses, timesteps, index = losses.cpu(), batch["timesteps"].cpu(), batch["index"].cpu()
-        if self.calibration is not None:
-            self.bank.update(*self.calibration.losses(batch, trainer))
         relative = self.bank.relative(losses, timesteps)
         score = self.ledger.smooth(index, relative)
         kept = score * self.ratio >= 1.0 if self.skip else torch.ones_like(losses, dtype=torch.bool)
-        if self.calibration is None:
-            self.bank.update(losses, timesteps)
+        self.bank.update(losses, timesteps)
         self.ledger.record(index, kept, relative)
         self.kept += int(kept.sum())
         self.seen += len(kept)

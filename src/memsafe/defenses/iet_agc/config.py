@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,6 @@ DEFAULT_ROUNDS = 10  # the reference code's total_round on CIFAR-10
 # Averaging proxies that trained apart from a random start for most of the run gives noise: one round of
 # ten shards returned pure noise (domain FID 100x plain) that still read "0 % memorized".
 MIN_ROUNDS = 5
-CALIBRATED_BANK_BINS = 50
 
 
 @dataclass
@@ -31,14 +29,6 @@ class IETConfig:
     agc: bool = True  # skip samples with loss < bank[t] / agc_ratio
     agc_ratio: float | None = None  # the AGC ratio (lambda in the IET-AGC paper); None: 2.0 from scratch, 1.25 when fine-tuning
     bank_decay: float = 0.8  # EMA of the per-timestep loss bank
-    # A folder of images never trained on (same kind as the training data, captioned if the model is):
-    # the bank then follows their losses, `calibration_batch` of them per training batch, instead of the
-    # training draws', which duplicated images pull down as they are memorized (calibration.py).
-    calibration_source: str | None = None
-    calibration_batch: int = 8
-    # Bins of consecutive timesteps in the bank; None: one per timestep (the reference code), or, with a
-    # calibration_source, 50 (its few losses per batch would leave most of 1000 bins stale).
-    bank_bins: int | None = None
     # Skip (and augment) on a sample's relative loss averaged over its visits, this weight on the past. 0 is
     # the reference code's single draw, which cost +74 % FID on the digits where 0.8 gained 31 %
     # (docs/research/iet-agc.md).
@@ -55,12 +45,6 @@ class IETConfig:
     # demo digits a 2-pixel shift doubled FID, sub-pixel shifts did not (docs/research/iet-agc.md).
     augment_max_shift: float = 0.03
     augment_max_jitter: float = 0.05
-
-
-def bank_bins(iet: IETConfig, num_timesteps: int) -> int:
-    if iet.bank_bins is not None:
-        return min(iet.bank_bins, num_timesteps)
-    return min(CALIBRATED_BANK_BINS, num_timesteps) if iet.calibration_source else num_timesteps
 
 
 @dataclass(frozen=True)
@@ -101,12 +85,6 @@ def validate(config: RunConfig) -> None:
             "off by 4.8x the VAE's own reconstruction error; docs/stable-diffusion.md), so latent runs augment by "
             "shifts only: set augment_flip: false"
         )
-    if iet.calibration_batch < 1:
-        raise MemsafeError(f"{where}.calibration_batch must be at least 1, got {iet.calibration_batch}")
-    if iet.bank_bins is not None and iet.bank_bins < 1:
-        raise MemsafeError(f"{where}.bank_bins must be at least 1, got {iet.bank_bins}")
-    if iet.calibration_source is not None and not Path(iet.calibration_source).is_dir():
-        raise MemsafeError(f"{where}.calibration_source is not a folder: {iet.calibration_source}")
     if not 0.0 <= iet.agc_smoothing < 1.0:
         raise MemsafeError(f"{where}.agc_smoothing must be in [0, 1), got {iet.agc_smoothing}")
     if iet.outer_learning_rate <= 0.0:

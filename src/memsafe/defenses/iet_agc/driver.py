@@ -16,8 +16,7 @@ from memsafe.data.images import ImageSet
 from memsafe.defenses.contract import HookMaker
 from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio
 from memsafe.defenses.iet_agc.augment import LossDrivenAugmentation
-from memsafe.defenses.iet_agc.config import bank_bins, schedule, small_shard_warning
-from memsafe.defenses.iet_agc.calibration import CalibrationLosses
+from memsafe.defenses.iet_agc.config import schedule, small_shard_warning
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
 from memsafe.models.unet import build_noise_scheduler
@@ -114,8 +113,7 @@ class IETTrainer:
             unet = None
             if first is not None:
                 unet = first.unwrapped if shared_base else copy.deepcopy(first.unwrapped)
-            bank = LossBank(timesteps, iet.bank_decay, bank_bins(iet, timesteps))
-            agc = AntiGradientControl(bank, self.ledger, self.ratio, skip=iet.agc)
+            agc = AntiGradientControl(LossBank(timesteps, iet.bank_decay), self.ledger, self.ratio, skip=iet.agc)
             hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
             self.agc.append(agc)
             self.proxies.append(
@@ -130,10 +128,6 @@ class IETTrainer:
                     inputs=None if first is None else first.pixels,
                 )
             )
-        if iet.calibration_source:  # built once the first proxy has the text encoder they share
-            calibration = CalibrationLosses(config, self.proxies[0])
-            for agc in self.agc:
-                agc.calibration = calibration
         for proxy in self.proxies:
             if proxy.ema is not None:  # a proxy steps once per K global steps: the same horizon in samples seen
                 proxy.ema.decay = config.train.ema_decay ** iet.shards
