@@ -9,12 +9,14 @@ from memsafe.cli import main
 from memsafe.config import merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
-from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio
+from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio, caption_gain
 from memsafe.defenses.iet_agc.augment import augment_batch, augmentation_strength
 from memsafe.defenses.iet_agc.config import IETConfig
 from memsafe.defenses.iet_agc.driver import IETTrainer, OuterStep
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
+from memsafe.train import Trainer
+from memsafe.train.loss import per_sample_diffusion_loss
 from tests.conftest import tiny_config_dict
 
 IET = {"name": "iet_agc", "iet_agc": {"shards": 2, "local_steps": 5}}
@@ -163,6 +165,8 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
         ({"name": "iet_agc", "iet_agc": {"shards": 10, "local_steps": 100}, "max_steps": 1000},
          "gives 1 round(s), and IET-AGC+ needs at least 5 to learn: raise train.max_steps to 5000"),
         ({"name": "iet_agc", "iet_agc": {"rounds": 5, "local_steps": 5}}, "set rounds or local_steps, not both"),
+        ({"name": "iet_agc", "iet_agc": {"agc_signal": "gain"}}, "agc_signal must be loss or caption_gain, got 'gain'"),
+        ({"name": "iet_agc", "iet_agc": {"agc_signal": "caption_gain"}}, "caption_gain needs a text-conditional model"),
         ({"name": "iet_agc", "iet_agc": {"shards": 2}, "max_steps": 10}, "all within train.warmup_steps 5"),
     ],
 )
@@ -259,3 +263,37 @@ def test_outer_step_is_nesterov_sgd_on_the_rounds_pseudo_gradient():
     plain = OuterStep(start, learning_rate=1.0, momentum=0.0)
     mean = [t + 1.0 for t in start]
     assert all(torch.equal(a, b) for a, b in zip(plain.step(mean), mean))  # lr 1, no momentum: the plain mean
+
+
+def test_a_bank_that_starts_at_its_first_reading_reads_one_at_once():
+    """The caption gain sits near 1; a bank starting at 0 would read it as 5x its mean after one visit."""
+    bank = LossBank(10, decay=0.8, start_at_first=True)
+    bank.update(torch.tensor([0.9, math.nan]), torch.tensor([3, 4]))
+    assert bank.values[3].item() == pytest.approx(0.9) and bank.values[4].item() == 0.0  # NaN: not measured
+    bank.update(torch.tensor([0.4]), torch.tensor([3]))
+    assert bank.values[3].item() == pytest.approx(0.8 * 0.9 + 0.2 * 0.4)
+
+
+def test_caption_gain_is_the_loss_over_the_empty_caption_loss_and_skips_on_it(tiny_config):
+    """On a text-conditional model AGC's signal is each draw's loss over the same draw's loss with the empty
+    caption; a draw whose caption was dropped says nothing (NaN): kept, and left out of the bank."""
+    config = merge(tiny_config, {"model.conditioning": "text", "train.caption_dropout": 0.5, "train.max_steps": 40})
+    train_set, _ = load_dataset(config.data)
+    trainer = Trainer(config, train_set)
+    trainer.fit(progress=False)
+    batch = trainer.next_batch()
+    states = batch["model_kwargs"]["encoder_hidden_states"]
+    dropped = (states == trainer.conditioner.empty.to(states)).flatten(1).all(1)
+    assert dropped.any() and not dropped.all()
+    with torch.no_grad():
+        losses, _ = per_sample_diffusion_loss(trainer.unet, trainer.noise_scheduler, batch["pixels"], batch["noise"],
+                                              batch["timesteps"], encoder_hidden_states=states)
+        empty, _ = per_sample_diffusion_loss(trainer.unet, trainer.noise_scheduler, batch["pixels"], batch["noise"],
+                                             batch["timesteps"], encoder_hidden_states=trainer.conditioner.empty.expand_as(states))
+    gain = caption_gain(losses, batch, trainer)
+    assert torch.allclose(gain[~dropped], (losses / empty)[~dropped]) and gain[dropped].isnan().all()
+    bank = LossBank(trainer.noise_scheduler.config.num_train_timesteps, 0.8, start_at_first=True)
+    bank.values[batch["timesteps"].cpu()] = (losses / empty).cpu().double().max() * 2  # every drawn gain is low
+    agc = AntiGradientControl(bank, SampleLedger(len(train_set)), ratio=1.05, signal="caption_gain")
+    kept = agc.on_losses(losses, batch, trainer)
+    assert kept.cpu().bool().tolist() == dropped.cpu().tolist()

@@ -47,13 +47,14 @@ class SampleLedger:
         first finite reading starts the average; a sample drawn twice in one batch counts its last draw."""
         past = self.smoothed[index].double()
         mixed = self.smoothing * past + (1 - self.smoothing) * relative.double()
-        return torch.where(past.isfinite(), mixed, relative.double())
+        smoothed = torch.where(past.isfinite(), mixed, relative.double())
+        return torch.where(relative.isnan(), past, smoothed)  # NaN: not measured this visit
 
     def record(self, index: torch.Tensor, kept: torch.Tensor, relative: torch.Tensor) -> None:
         self.round_visits.index_add_(0, index, torch.ones_like(index))
         self.round_skips.index_add_(0, index, (~kept).long())
         self.smoothed[index] = self.smooth(index, relative).float()
-        self.relative_loss[index] = relative.float()
+        self.relative_loss[index] = torch.where(relative.isnan(), self.relative_loss[index], relative.float())
 
     def end_round(self, accelerator: Accelerator | None = None) -> None:
         """Adds the round to the totals. Each process saw only its proxies' shards: the round counts are
@@ -84,18 +85,28 @@ class SampleLedger:
 class LossBank:
     """Running per-timestep loss of one proxy, as in the reference: starts at 0, EMA with `decay`."""
 
-    def __init__(self, num_timesteps: int, decay: float):
+    def __init__(self, num_timesteps: int, decay: float, start_at_first: bool = False):
         self.values = torch.zeros(num_timesteps, dtype=torch.float64)
         self.decay = decay
+        # The reference starts every timestep at 0, so a sample is never skipped until the bank has filled. A
+        # signal near 1 (the caption gain) would read 1/0.2 after one visit and take ~30 visits of each t to
+        # settle: such a bank starts at its first reading instead.
+        self.start_at_first = start_at_first
 
     def relative(self, losses: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         bank = self.values[timesteps]
-        return torch.where(bank > 0, losses.double() / bank.clamp_min(1e-30), torch.full_like(bank, math.inf))
+        relative = torch.where(bank > 0, losses.double() / bank.clamp_min(1e-30), torch.full_like(bank, math.inf))
+        return torch.where(losses.isnan(), math.nan, relative)
 
     def update(self, losses: torch.Tensor, timesteps: torch.Tensor) -> None:
         # Sequential, as the reference: two samples with the same t both enter the average.
         for t, loss in zip(timesteps.tolist(), losses.double().tolist()):
-            self.values[t] = self.decay * self.values[t] + (1 - self.decay) * loss
+            if math.isnan(loss):
+                continue
+            if self.start_at_first and self.values[t] == 0:
+                self.values[t] = loss
+            else:
+                self.values[t] = self.decay * self.values[t] + (1 - self.decay) * loss
 
 
 class AntiGradientControl(TrainHook):
@@ -104,16 +115,19 @@ class AntiGradientControl(TrainHook):
 
     name = "agc"
 
-    def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True):
+    def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss"):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
+        self.signal = signal
         self.kept = 0
         self.seen = 0
 
     def on_losses(self, losses, batch, trainer):
+        if self.signal == "caption_gain":
+            losses = caption_gain(losses, batch, trainer)
         losses, timesteps, index = losses.cpu(), batch["timesteps"].cpu(), batch["index"].cpu()
         relative = self.bank.relative(losses, timesteps)
         score = self.ledger.smooth(index, relative)
-        kept = score * self.ratio >= 1.0 if self.skip else torch.ones_like(losses, dtype=torch.bool)
+        kept = ~(score * self.ratio < 1.0) if self.skip else torch.ones_like(losses, dtype=torch.bool)
         self.bank.update(losses, timesteps)
         self.ledger.record(index, kept, relative)
         self.kept += int(kept.sum())
@@ -131,3 +145,22 @@ class AntiGradientControl(TrainHook):
     def load_state_dict(self, state):
         if "bank" in state:
             self.bank.values.copy_(state["bank"])
+
+
+@torch.no_grad()
+def caption_gain(losses: torch.Tensor, batch: dict, trainer) -> torch.Tensor:
+    """Each draw's loss over its loss at the same noisy input with the empty caption (one more forward pass,
+    no gradient): how much the caption helps. A duplicated image's caption comes to pin the image down, so its
+    gain falls well below an ordinary image's long before its loss does (bench/emoji_signals.py). NaN where
+    the caption was dropped for guidance: the gain is 1 by construction there and says nothing."""
+    from memsafe.train.loss import per_sample_diffusion_loss
+
+    states = batch["model_kwargs"]["encoder_hidden_states"]
+    empty = trainer.conditioner.empty.to(states).expand_as(states)
+    with trainer.accelerator.autocast():
+        unconditional, _ = per_sample_diffusion_loss(
+            trainer.unet, trainer.noise_scheduler, batch["pixels"], batch["noise"], batch["timesteps"],
+            snr_gamma=trainer.config.train.snr_gamma, encoder_hidden_states=empty,
+        )
+    dropped = (states == empty).flatten(1).all(1)
+    return torch.where(dropped, torch.nan, losses / unconditional.clamp_min(1e-12))

@@ -29,6 +29,10 @@ class IETConfig:
     agc: bool = True  # skip samples with loss < bank[t] / agc_ratio
     agc_ratio: float | None = None  # the AGC ratio (lambda in the IET-AGC paper); None: 2.0 from scratch, 1.25 when fine-tuning
     bank_decay: float = 0.8  # EMA of the per-timestep loss bank
+    # What AGC compares with its per-timestep bank: "loss" (the reference code), or "caption_gain", the loss
+    # over the same draw's loss with the empty caption (text-conditional models; one more forward pass, no
+    # gradient, per batch). The gain sits near 1, so its lambda sits near 1 too (1.05-1.2).
+    agc_signal: str = "loss"
     # Skip (and augment) on a sample's relative loss averaged over its visits, this weight on the past. 0 is
     # the reference code's single draw, which cost +74 % FID on the digits where 0.8 gained 31 %
     # (docs/research/iet-agc.md).
@@ -85,6 +89,10 @@ def validate(config: RunConfig) -> None:
             "off by 4.8x the VAE's own reconstruction error; docs/stable-diffusion.md), so latent runs augment by "
             "shifts only: set augment_flip: false"
         )
+    if iet.agc_signal not in ("loss", "caption_gain"):
+        raise MemsafeError(f"{where}.agc_signal must be loss or caption_gain, got {iet.agc_signal!r}")
+    if iet.agc_signal == "caption_gain" and config.model.conditioning != "text":
+        raise MemsafeError(f"{where}.agc_signal caption_gain needs a text-conditional model (model.conditioning: text)")
     if not 0.0 <= iet.agc_smoothing < 1.0:
         raise MemsafeError(f"{where}.agc_smoothing must be in [0, 1), got {iet.agc_smoothing}")
     if iet.outer_learning_rate <= 0.0:
