@@ -49,7 +49,7 @@ VARIANTS = {"plain": IET_VARIANTS["plain"], "plain_early_stop": IET_VARIANTS["pl
 # IET-AGC+ that judges a draw by how much its caption lowers its loss (`agc_signal: caption_gain`) instead
 # of by the loss, at plain's learning speed (one shard), on single draws (docs/research/iet-agc.md)
 VARIANTS["iet_agc_plus_caption"] = IET_VARIANTS["iet_agc_plus"] | {
-    "defense.iet_agc.shards": 1, "defense.iet_agc.agc_signal": "caption_gain", "defense.iet_agc.agc_ratio": 1.1,
+    "defense.iet_agc.shards": 1, "defense.iet_agc.agc_signal": "caption_gain", "defense.iet_agc.agc_ratio": 1.02,
     "defense.iet_agc.agc_smoothing": 0.0}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 

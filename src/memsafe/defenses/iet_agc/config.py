@@ -31,7 +31,7 @@ class IETConfig:
     bank_decay: float = 0.8  # EMA of the per-timestep loss bank
     # What AGC compares with its per-timestep bank: "loss" (the reference code), or "caption_gain", the loss
     # over the same draw's loss with the empty caption (text-conditional models; one more forward pass, no
-    # gradient, per batch). The gain sits near 1, so its lambda sits near 1 too (1.05-1.2).
+    # gradient, per batch). The gain sits near 1, so its lambda sits near 1 too (1.02-1.05; lower is stricter).
     agc_signal: str = "loss"
     # Skip (and augment) on a sample's relative loss averaged over its visits, this weight on the past. 0 is
     # the reference code's single draw, which cost +74 % FID on the digits where 0.8 gained 31 %
