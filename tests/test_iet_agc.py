@@ -276,15 +276,16 @@ def test_a_bank_that_starts_at_its_first_reading_reads_one_at_once():
 
 def test_caption_gain_is_the_loss_over_the_empty_caption_loss_and_skips_on_it(tiny_config):
     """On a text-conditional model AGC's signal is each draw's loss over the same draw's loss with the empty
-    caption; a draw whose caption was dropped says nothing (NaN): kept, and left out of the bank."""
+    caption; a draw whose caption was dropped says nothing (NaN): a sample never measured before is kept."""
     config = merge(tiny_config, {"model.conditioning": "text", "train.caption_dropout": 0.5, "train.max_steps": 40})
     train_set, _ = load_dataset(config.data)
     trainer = Trainer(config, train_set)
     trainer.fit(progress=False)
     batch = trainer.next_batch()
     states = batch["model_kwargs"]["encoder_hidden_states"]
-    dropped = (states == trainer.conditioner.empty.to(states)).flatten(1).all(1)
+    dropped = batch["caption_dropped"]
     assert dropped.any() and not dropped.all()
+    assert (states == trainer.conditioner.empty.to(states)).flatten(1).all(1).tolist() == dropped.tolist()
     with torch.no_grad():
         losses, _ = per_sample_diffusion_loss(trainer.unet, trainer.noise_scheduler, batch["pixels"], batch["noise"],
                                               batch["timesteps"], encoder_hidden_states=states)

@@ -121,12 +121,15 @@ class CaptionConditioner:
         self.encoder.model.to(device)
         return self.encoder.encode([self.captions[i] for i in indices.tolist()]).to(device)
 
+    def dropped(self, uniform: torch.Tensor) -> torch.Tensor:
+        """Which samples get the empty caption, from one U(0, 1) draw per sample: those below the dropout rate."""
+        return uniform < self.dropout
+
     def model_kwargs(
-        self, indices: torch.Tensor, device: torch.device | str, uniform: torch.Tensor | None = None
+        self, indices: torch.Tensor, device: torch.device | str, dropped: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """`uniform`: one U(0, 1) draw per sample; those below the dropout rate get the empty caption."""
+        """The UNet's caption input; the samples marked in `dropped` get the empty caption."""
         states = self.embeddings(indices, device)
-        if self.dropout > 0:
-            drop = (uniform if uniform is not None else torch.rand(len(indices))) < self.dropout
-            states = torch.where(drop.to(states.device)[:, None, None], self.empty.to(states).expand_as(states), states)
+        if dropped is not None and dropped.any():
+            states = torch.where(dropped.to(states.device)[:, None, None], self.empty.to(states).expand_as(states), states)
         return {"encoder_hidden_states": states}

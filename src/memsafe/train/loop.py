@@ -163,7 +163,8 @@ class Trainer:
         if self.train_set.captions is not None:
             batch["captions"] = [self.train_set.captions[i] for i in indices.tolist()]
         if self.conditioner is not None:
-            batch["model_kwargs"] = self.conditioner.model_kwargs(indices, self.device, local(uniform))
+            batch["caption_dropped"] = self.conditioner.dropped(local(uniform))
+            batch["model_kwargs"] = self.conditioner.model_kwargs(indices, self.device, batch["caption_dropped"])
         return batch
 
     def train_step(self) -> dict[str, float]:

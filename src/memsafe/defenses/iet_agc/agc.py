@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from memsafe.train.hooks import TrainHook
+from memsafe.train.loss import per_sample_diffusion_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
@@ -127,7 +128,7 @@ class AntiGradientControl(TrainHook):
         losses, timesteps, index = losses.cpu(), batch["timesteps"].cpu(), batch["index"].cpu()
         relative = self.bank.relative(losses, timesteps)
         score = self.ledger.smooth(index, relative)
-        kept = ~(score * self.ratio < 1.0) if self.skip else torch.ones_like(losses, dtype=torch.bool)
+        kept = score * self.ratio >= 1.0 if self.skip else torch.ones_like(losses, dtype=torch.bool)
         self.bank.update(losses, timesteps)
         self.ledger.record(index, kept, relative)
         self.kept += int(kept.sum())
@@ -153,8 +154,6 @@ def caption_gain(losses: torch.Tensor, batch: dict, trainer) -> torch.Tensor:
     no gradient): how much the caption helps. A duplicated image's caption comes to pin the image down, so its
     gain falls well below an ordinary image's long before its loss does (bench/emoji_signals.py). NaN where
     the caption was dropped for guidance: the gain is 1 by construction there and says nothing."""
-    from memsafe.train.loss import per_sample_diffusion_loss
-
     states = batch["model_kwargs"]["encoder_hidden_states"]
     empty = trainer.conditioner.empty.to(states).expand_as(states)
     with trainer.accelerator.autocast():
@@ -162,5 +161,7 @@ def caption_gain(losses: torch.Tensor, batch: dict, trainer) -> torch.Tensor:
             trainer.unet, trainer.noise_scheduler, batch["pixels"], batch["noise"], batch["timesteps"],
             snr_gamma=trainer.config.train.snr_gamma, encoder_hidden_states=empty,
         )
-    dropped = (states == empty).flatten(1).all(1)
+    # The loop's own record of the dropout, not a comparison of states: a hook may have changed them (the
+    # gradient projection's sink is added to dropped captions too).
+    dropped = batch["caption_dropped"].to(losses.device)
     return torch.where(dropped, torch.nan, losses / unconditional.clamp_min(1e-12))
