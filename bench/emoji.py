@@ -51,6 +51,10 @@ VARIANTS = {"plain": IET_VARIANTS["plain"], "plain_early_stop": IET_VARIANTS["pl
 VARIANTS["iet_agc_plus_caption"] = IET_VARIANTS["iet_agc_plus"] | {
     "defense.iet_agc.shards": 1, "defense.iet_agc.agc_signal": "caption_gain", "defense.iet_agc.agc_ratio": 1.02,
     "defense.iet_agc.agc_smoothing": 0.0}
+# ... reading the gain only at the noise levels where it separates the duplicates (one-draw AUC > 0.8 at
+# t = 225-775 in the per-timestep diagnostic); other draws are judged on their last reading, and leave the
+# batch before the forward pass when it skips them
+VARIANTS["iet_agc_plus_caption_mid"] = VARIANTS["iet_agc_plus_caption"] | {"defense.iet_agc.agc_timesteps": [200, 800]}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

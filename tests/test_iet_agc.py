@@ -167,6 +167,7 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
         ({"name": "iet_agc", "iet_agc": {"rounds": 5, "local_steps": 5}}, "set rounds or local_steps, not both"),
         ({"name": "iet_agc", "iet_agc": {"agc_signal": "gain"}}, "agc_signal must be loss or caption_gain, got 'gain'"),
         ({"name": "iet_agc", "iet_agc": {"agc_signal": "caption_gain"}}, "caption_gain needs a text-conditional model"),
+        ({"name": "iet_agc", "iet_agc": {"agc_timesteps": [500, 200]}}, "agc_timesteps must be [low, high)"),
         ({"name": "iet_agc", "iet_agc": {"shards": 2}, "max_steps": 10}, "all within train.warmup_steps 5"),
     ],
 )
@@ -291,10 +292,63 @@ def test_caption_gain_is_the_loss_over_the_empty_caption_loss_and_skips_on_it(ti
                                               batch["timesteps"], encoder_hidden_states=states)
         empty, _ = per_sample_diffusion_loss(trainer.unet, trainer.noise_scheduler, batch["pixels"], batch["noise"],
                                              batch["timesteps"], encoder_hidden_states=trainer.conditioner.empty.expand_as(states))
-    gain = caption_gain(losses, batch, trainer)
+    gain = caption_gain(losses, batch, trainer, ~dropped.cpu())
     assert torch.allclose(gain[~dropped], (losses / empty)[~dropped]) and gain[dropped].isnan().all()
     bank = LossBank(trainer.noise_scheduler.config.num_train_timesteps, 0.8, start_at_first=True)
     bank.values[batch["timesteps"].cpu()] = (losses / empty).cpu().double().max() * 2  # every drawn gain is low
     agc = AntiGradientControl(bank, SampleLedger(len(train_set)), ratio=1.05, signal="caption_gain")
     kept = agc.on_losses(losses, batch, trainer)
     assert kept.cpu().bool().tolist() == dropped.cpu().tolist()
+
+
+def test_agc_reads_its_timesteps_only_and_drops_draws_its_record_skips_before_the_forward_pass(tiny_config):
+    """Outside agc_timesteps a draw is judged on its sample's last reading: when that skips it, it leaves the
+    batch before the forward pass (counted as drawn and skipped); inside, it is read and judged afresh."""
+    config = merge(tiny_config, {"model.conditioning": "text", "train.caption_dropout": 0.0})
+    train_set, _ = load_dataset(config.data)
+    trainer = Trainer(config, train_set)
+    batch = trainer.next_batch()
+    timesteps, index = batch["timesteps"], batch["index"]
+    middle = int(timesteps.median())
+    inside = (timesteps >= middle).tolist()
+    ledger = SampleLedger(len(train_set), smoothing=0.0)
+    ledger.smoothed[index[0::2]] = 0.5  # half the batch's samples read low last time
+    ledger.relative_loss[index[0::2]] = 0.5
+    low = torch.zeros(len(index), dtype=torch.bool)
+    low[0::2] = True
+    bank = LossBank(trainer.noise_scheduler.config.num_train_timesteps, 0.8, start_at_first=True)
+    bank.values.fill_(1.0)
+    agc = AntiGradientControl(bank, ledger, ratio=1.05, signal="caption_gain", timesteps=(middle, 10_000))
+    kept_batch = agc.on_batch_start(dict(batch), trainer)
+    dropped = [lo and not ins for lo, ins in zip(low.tolist(), inside)]
+    assert kept_batch["index"].tolist() == [i for i, d in zip(index.tolist(), dropped) if not d]
+    assert kept_batch["pixels"].shape[0] == kept_batch["model_kwargs"]["encoder_hidden_states"].shape[0] == len(
+        kept_batch["index"]) and kept_batch["drawn"] == len(index)
+    assert ledger.round_skips.sum() == sum(dropped) == agc.seen
+    with torch.no_grad():
+        losses, _ = per_sample_diffusion_loss(trainer.unet, trainer.noise_scheduler, kept_batch["pixels"],
+                                              kept_batch["noise"], kept_batch["timesteps"],
+                                              **kept_batch["model_kwargs"])
+    weights = agc.on_losses(losses, kept_batch, trainer)
+    read = kept_batch["timesteps"] >= middle
+    changed = set(bank.values.ne(1.0).nonzero().flatten().tolist())
+    assert changed and changed <= set(kept_batch["timesteps"][read].tolist())  # only read draws feed the bank
+    unread = ~read  # kept on a reading that did not skip them: still kept, their last reading untouched
+    assert weights[unread].eq(1).all() and ledger.relative_loss[kept_batch["index"][unread]].isinf().all()
+    assert ledger.relative_loss[kept_batch["index"][read]].isfinite().all()
+
+
+def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp_path):
+    """Through the CLI: draws dropped before the forward pass still count in the logged kept fraction."""
+    values = tiny_config_dict(tmp_path / "run", model={"conditioning": "text"},
+                              train={"max_steps": 60, "caption_dropout": 0.1, "log_every": 10})
+    values["defense"] = {"name": "iet_agc", "iet_agc": {"shards": 1, "local_steps": 10, "agc_signal": "caption_gain",
+                                                        "agc_ratio": 1.0, "agc_smoothing": 0.0, "augment": False,
+                                                        "agc_timesteps": [300, 700]}}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(values))
+    assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
+    logged = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    skip_rates = [entry["skip_rate"] for entry in logged if "skip_rate" in entry]
+    assert len(skip_rates) == 6 and max(skip_rates) > 0
+    assert all(abs(rate * 160 - round(rate * 160)) < 1e-9 for rate in skip_rates)  # of all 10 x 16 draws a round

@@ -1,7 +1,7 @@
 """The interface through which defenses join the training loop, which knows none of them by name.
 
 The loop calls, per optimizer step:
-    batch = on_batch_start(batch, trainer)          # e.g. per-sample augmentation
+    batch = on_batch_start(batch, trainer)          # e.g. per-sample augmentation; may drop draws (select_draws)
     weights = on_losses(losses, batch, trainer)     # per-sample weights; 0 skips a sample
     on_after_backward(model, trainer)               # e.g. project gradients
     on_after_step(model, trainer)                   # e.g. project the optimizer's update
@@ -17,6 +17,23 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from memsafe.train.loop import Trainer
+
+
+def select_draws(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+    """The batch without the draws where `keep` is False, for a hook that decides a draw's fate before the
+    forward pass (a dropped draw costs nothing). `drawn` keeps the count drawn, for the loop's kept fraction."""
+    size = len(keep)
+
+    def pick(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            return value[keep.to(value.device)]
+        if isinstance(value, list) and len(value) == size:
+            return [item for item, kept in zip(value, keep.tolist()) if kept]
+        if isinstance(value, dict):
+            return {key: pick(item) for key, item in value.items()}
+        return value
+
+    return {key: pick(value) for key, value in batch.items()} | {"drawn": batch.get("drawn", size)}
 
 
 class TrainHook:

@@ -180,11 +180,11 @@ class Trainer:
             last = micro == micro_batches - 1
             sync = contextlib.nullcontext() if last or not self.data_parallel else self.accelerator.no_sync(self.unet)
             with sync:
-                losses, weights, loss = self.backward_micro_batch(micro_batches)
+                losses, weights, loss, drawn = self.backward_micro_batch(micro_batches)
             sums["loss"] += losses.detach().mean().item() / micro_batches
             sums["train_loss"] += loss.detach().item()
             kept = kept + weights.gt(0).float().sum()
-            samples += len(losses)
+            samples += drawn
         if self.data_parallel:
             any_kept = self.accelerator.reduce(kept.reshape(1), reduction="sum").item() > 0
         else:
@@ -202,8 +202,9 @@ class Trainer:
         self.step += 1
         return sums | {"kept_fraction": (kept / samples).item(), "lr": self.lr_scheduler.get_last_lr()[0]}
 
-    def backward_micro_batch(self, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Forward and backward of the next batch, its loss divided by the micro-batches per step."""
+    def backward_micro_batch(self, micro_batches: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Forward and backward of the next batch, its loss divided by the micro-batches per step; and how many
+        draws it had before the hooks dropped any."""
         batch = self.hooks.on_batch_start(self.next_batch(), self)
         with self.accelerator.autocast():
             losses, _ = per_sample_diffusion_loss(
@@ -219,7 +220,7 @@ class Trainer:
         loss = weighted_mean(losses, weights) / micro_batches
         # Every process runs backward (keeps data-parallel all-reduces matched) even for an all-skipped batch.
         self.accelerator.backward(loss)
-        return losses, weights, loss
+        return losses, weights, loss, batch.get("drawn", len(losses))
 
     def fit(
         self,

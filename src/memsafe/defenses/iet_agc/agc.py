@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from memsafe.train.hooks import TrainHook
+from memsafe.train.hooks import TrainHook, select_draws
 from memsafe.train.loss import per_sample_diffusion_loss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -112,20 +112,51 @@ class LossBank:
 
 class AntiGradientControl(TrainHook):
     """Skips a sample when its relative loss (loss / bank[t], averaged over its visits when the ledger
-    smooths) times lambda is below 1; with `skip=False` it only keeps the statistics."""
+    smooths) times lambda is below 1; with `skip=False` it only keeps the statistics.
+
+    A draw AGC does not read (its timestep outside `timesteps`, or, for the caption gain, its caption dropped)
+    is judged on its sample's earlier reading; when that skips it, it leaves the batch before the forward pass."""
 
     name = "agc"
 
-    def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss"):
+    def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss",
+                 timesteps: tuple[int, int] | None = None):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
         self.signal = signal
+        self.timesteps = timesteps
         self.kept = 0
         self.seen = 0
 
+    def reads(self, batch) -> torch.Tensor:
+        """Which draws of the batch give AGC a reading."""
+        timesteps = batch["timesteps"].cpu()
+        read = torch.ones_like(timesteps, dtype=torch.bool)
+        if self.timesteps is not None:
+            low, high = self.timesteps
+            read &= (timesteps >= low) & (timesteps < high)
+        if self.signal == "caption_gain":  # the gain is 1 by construction where the caption was dropped
+            read &= ~batch["caption_dropped"].cpu()  # the loop's record: a hook may change the states themselves
+        return read
+
+    def on_batch_start(self, batch, trainer):
+        if not self.skip:
+            return batch
+        index = batch["index"].cpu()
+        decided = ~self.reads(batch) & (self.ledger.smoothed[index] * self.ratio < 1.0)
+        decided[0] = decided[0] & ~decided.all()  # one draw stays: every process runs a backward pass
+        if not decided.any():
+            return batch
+        count = int(decided.sum())
+        self.ledger.record(index[decided], torch.zeros(count, dtype=torch.bool), torch.full((count,), math.nan))
+        self.seen += count
+        return select_draws(batch, ~decided)
+
     def on_losses(self, losses, batch, trainer):
+        read = self.reads(batch)
         if self.signal == "caption_gain":
-            losses = caption_gain(losses, batch, trainer)
+            losses = caption_gain(losses, batch, trainer, read)
         losses, timesteps, index = losses.cpu(), batch["timesteps"].cpu(), batch["index"].cpu()
+        losses = torch.where(read, losses, math.nan)
         relative = self.bank.relative(losses, timesteps)
         score = self.ledger.smooth(index, relative)
         kept = score * self.ratio >= 1.0 if self.skip else torch.ones_like(losses, dtype=torch.bool)
@@ -149,19 +180,21 @@ class AntiGradientControl(TrainHook):
 
 
 @torch.no_grad()
-def caption_gain(losses: torch.Tensor, batch: dict, trainer) -> torch.Tensor:
-    """Each draw's loss over its loss at the same noisy input with the empty caption (one more forward pass,
-    no gradient): how much the caption helps. A duplicated image's caption comes to pin the image down, so its
-    gain falls well below an ordinary image's long before its loss does (bench/emoji_signals.py). NaN where
-    the caption was dropped for guidance: the gain is 1 by construction there and says nothing."""
-    states = batch["model_kwargs"]["encoder_hidden_states"]
+def caption_gain(losses: torch.Tensor, batch: dict, trainer, read: torch.Tensor) -> torch.Tensor:
+    """Each read draw's loss over its loss at the same noisy input with the empty caption (one more forward
+    pass, no gradient, over the read draws only): how much the caption helps. A duplicated image's caption
+    comes to pin the image down, so its gain falls well below an ordinary image's long before its loss does
+    (bench/emoji_signals.py). NaN for the draws not read."""
+    gain = torch.full_like(losses, math.nan)
+    rows = read.to(losses.device)
+    if not rows.any():
+        return gain
+    states = batch["model_kwargs"]["encoder_hidden_states"][rows]
     empty = trainer.conditioner.empty.to(states).expand_as(states)
     with trainer.accelerator.autocast():
         unconditional, _ = per_sample_diffusion_loss(
-            trainer.unet, trainer.noise_scheduler, batch["pixels"], batch["noise"], batch["timesteps"],
-            snr_gamma=trainer.config.train.snr_gamma, encoder_hidden_states=empty,
+            trainer.unet, trainer.noise_scheduler, batch["pixels"][rows], batch["noise"][rows],
+            batch["timesteps"][rows], snr_gamma=trainer.config.train.snr_gamma, encoder_hidden_states=empty,
         )
-    # The loop's own record of the dropout, not a comparison of states: a hook may have changed them (the
-    # gradient projection's sink is added to dropped captions too).
-    dropped = batch["caption_dropped"].to(losses.device)
-    return torch.where(dropped, torch.nan, losses / unconditional.clamp_min(1e-12))
+    gain[rows] = losses[rows] / unconditional.clamp_min(1e-12)
+    return gain

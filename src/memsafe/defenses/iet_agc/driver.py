@@ -114,7 +114,8 @@ class IETTrainer:
             if first is not None:
                 unet = first.unwrapped if shared_base else copy.deepcopy(first.unwrapped)
             bank = LossBank(timesteps, iet.bank_decay, start_at_first=iet.agc_signal != "loss")
-            agc = AntiGradientControl(bank, self.ledger, self.ratio, skip=iet.agc, signal=iet.agc_signal)
+            agc = AntiGradientControl(bank, self.ledger, self.ratio, skip=iet.agc, signal=iet.agc_signal,
+                                      timesteps=iet.agc_timesteps)
             hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
             self.agc.append(agc)
             self.proxies.append(
