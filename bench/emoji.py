@@ -12,6 +12,7 @@ membership inference, training wall time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -241,6 +242,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100, help="generations per group (duplicated, unique)")
     parser.add_argument("--out", default=str(RESULTS / "emoji.json"))
     parser.add_argument("--merge", action="store_true", help="add to an existing --out (same variant+seed replaced)")
+    parser.add_argument("--workdir", help="keep the split data and the runs here (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for defended variants")
     args = parser.parse_args()
     import yaml
@@ -250,7 +252,8 @@ def main() -> None:
     out = Path(args.out)
     runs, history = previous_runs(out, args.merge)
     settings = {k: getattr(args, k) for k in ("steps", "distinct", "duplicated", "copies", "holdout", "samples")}
-    with tempfile.TemporaryDirectory() as tmp:
+    keep = contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()
+    with keep as tmp:
         train, holdout = split_emoji(Path(args.folder), args.distinct, args.duplicated, args.copies, args.holdout,
                                      0, Path(tmp) / "data")
         for seed in [int(s) for s in args.seed_list.split(",")] if args.seed_list else range(args.seeds):
