@@ -124,6 +124,19 @@ def duplicated_flags(train: Path, names: list[str]) -> torch.Tensor:
     return torch.tensor([flags[n] for n in names])
 
 
+def prompt_groups(train_set, holdout, dup: torch.Tensor, samples_per_group: int, seed: int):
+    """The distinct training emoji (first copies), and the emoji and prompts of the three groups generated
+    for: duplicated ones (drawn with replacement), unique ones, and every held-out one."""
+    distinct = [i for i, name in enumerate(train_set.names) if name.endswith("-00.png")]
+    generator = random.Random(seed)
+    own = {"dup": [generator.choice([i for i in distinct if dup[i]]) for _ in range(samples_per_group)],
+           "unique": generator.sample([i for i in distinct if not dup[i]], samples_per_group),
+           "holdout": list(range(len(holdout)))}
+    prompts = {group: [(holdout if group == "holdout" else train_set).captions[i] for i in own[group]]
+               for group in own}
+    return distinct, own, prompts
+
+
 def measure(run_dir: Path, config, samples_per_group: int, seed: int) -> dict:
     """Copies three ways: the NN ratio in pixels, the literature's SSCD replication rate (cosine > 0.5 to any
     training emoji) and `*_extracted_sscd`, the share of generations whose SSCD-nearest image, among the
@@ -131,14 +144,9 @@ def measure(run_dir: Path, config, samples_per_group: int, seed: int) -> dict:
     was never trained on, it is the rate a caption alone gets there)."""
     train_set, holdout = load_dataset(config.data)
     dup = duplicated_flags(Path(config.data.source), train_set.names)
-    distinct = [i for i, name in enumerate(train_set.names) if name.endswith("-00.png")]
+    distinct, own, prompts = prompt_groups(train_set, holdout, dup, samples_per_group, seed)
     dup_distinct = [i for i in distinct if dup[i]]
     unique = [i for i in distinct if not dup[i]]
-    generator = random.Random(seed)
-    own = {"dup": [generator.choice(dup_distinct) for _ in range(samples_per_group)],
-           "unique": generator.sample(unique, samples_per_group), "holdout": list(range(len(holdout)))}
-    prompts = {group: [(holdout if group == "holdout" else train_set).captions[i] for i in own[group]]
-               for group in own}
     unet = load_run_unet(run_dir, config)
     sample = prompt_sampler(unet, config, seed=config.eval.seed)
     generated = {group: sample(group_prompts) for group, group_prompts in prompts.items()}
