@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from emoji import duplicated_flags, prompt_groups  # noqa: E402
-from results_io import RESULTS, write_results  # noqa: E402
+from results_io import METADATA, RESULTS, write_results  # noqa: E402
 
 from memsafe.config import merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
@@ -71,9 +71,13 @@ def main() -> None:
     parser.add_argument("--scales", default="1,3,5,7")
     parser.add_argument("--samples", type=int, default=100, help="generations for duplicated prompts (as bench/emoji.py)")
     parser.add_argument("--out", type=Path, default=RESULTS / "emoji_guidance.json")
+    parser.add_argument("--merge", action="store_true", help="add to --out (a run's scales measured again replaced)")
     args = parser.parse_args()
     scales = [float(s) for s in args.scales.split(",")]
-    results = {run.name: readings(run, scales, args.samples) for run in args.runs}
+    previous = json.loads(args.out.read_text()) if args.merge and args.out.is_file() else {}
+    results = {name: value for name, value in previous.items() if name not in METADATA}
+    for run in args.runs:
+        results[run.name] = results.get(run.name, {}) | readings(run, scales, args.samples)
     write_results(args.out, results, markdown(results))
 
 
