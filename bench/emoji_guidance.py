@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from emoji import duplicated_flags, prompt_groups  # noqa: E402
-from results_io import METADATA, RESULTS, write_results  # noqa: E402
+from results_io import CARRIED, METADATA, RESULTS, write_results  # noqa: E402
 
 from memsafe.config import merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
@@ -78,7 +78,8 @@ def main() -> None:
     results = {name: value for name, value in previous.items() if name not in METADATA}
     for run in args.runs:
         results[run.name] = results.get(run.name, {}) | readings(run, scales, args.samples)
-    write_results(args.out, results, markdown(results))
+    carried = {key: previous[key] for key in CARRIED if key in previous}
+    write_results(args.out, results | carried, markdown(results))
 
 
 if __name__ == "__main__":
