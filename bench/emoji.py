@@ -7,6 +7,9 @@ membership inference, training wall time.
 
     memsafe data emoji data/emoji32 --size 32          # once (fetches the npm packages)
     python bench/emoji.py data/emoji32 [--seeds 3] [--variants plain,plain_early_stop,iet_agc_plus] [--steps N]
+
+With --workdir DIR the runs stay in DIR/runs for bench/emoji_guidance.py (copies and FID over the guidance
+scale); bench/merge_runs.py adds runs written by separate invocations to one results file.
 """
 
 from __future__ import annotations
