@@ -3,8 +3,8 @@ runs side by side cannot share one file), to a results file; its summary and mar
 
     python bench/merge_runs.py emoji bench/results/emoji.json iet_agc_plus_caption /tmp/a.json /tmp/b.json
 
-Each run keeps the command line and commit stamped on it when it ran; the file's top-level stamps stay those of
-its last full invocation, and its `recorded` note should say so.
+Each run keeps the command line and commit stamped on it when it ran; the file's top-level stamps become this
+merge's, and its `recorded` note should say which runs came from where.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_io import seed_summary, without_metadata  # noqa: E402
+from results_io import seed_summary, with_run, without_metadata, write_results  # noqa: E402
 
 
 def merge(bench: str, into: Path, variant: str, sources: list[Path]) -> dict:
@@ -28,10 +28,9 @@ def merge(bench: str, into: Path, variant: str, sources: list[Path]) -> dict:
         if found is None:
             raise SystemExit(f"{source}: no variant {variant!r}")
         for run in found["runs"]:
-            runs = [r for r in runs if r["seed"] != run["seed"]] + [run]
-    results[variant] = seed_summary(sorted(runs, key=lambda r: r["seed"]), module.READINGS)
-    into.write_text(json.dumps(results, indent=2) + "\n")
-    into.with_suffix(".md").write_text("\n".join(module.markdown(without_metadata(results))) + "\n")
+            runs = with_run(runs, run)
+    results[variant] = seed_summary(runs, module.READINGS)
+    write_results(into, results, module.markdown(without_metadata(results)), echo=False)
     return results[variant]
 
 

@@ -43,8 +43,12 @@ def add_run(runs: dict[str, list[dict]], name: str, record: dict) -> None:
     line and commit that produced it: a file merged from several invocations names only the last at its top."""
     stamp = provenance()
     record = record | {key: stamp[key] for key in ("command", "git_commit", "uncommitted_changes")}
-    runs[name] = sorted([r for r in runs.get(name, []) if r["seed"] != record["seed"]] + [record],
-                        key=lambda r: r["seed"])
+    runs[name] = with_run(runs.get(name, []), record)
+
+
+def with_run(runs: list[dict], record: dict) -> list[dict]:
+    """`runs` with `record` in place of any run of the same seed, by seed."""
+    return sorted([r for r in runs if r["seed"] != record["seed"]] + [record], key=lambda r: r["seed"])
 
 
 def without_metadata(results: dict) -> dict:

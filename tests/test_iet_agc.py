@@ -339,7 +339,7 @@ def test_agc_reads_its_timesteps_only_and_drops_draws_its_record_skips_before_th
 
 
 def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp_path):
-    """Through the CLI: draws dropped before the forward pass still count in the logged kept fraction."""
+    """Through the CLI: AGC's skip rate counts every draw, those dropped before the forward pass included."""
     values = tiny_config_dict(tmp_path / "run", model={"conditioning": "text"},
                               train={"max_steps": 60, "caption_dropout": 0.1, "log_every": 10})
     values["defense"] = {"name": "iet_agc", "iet_agc": {"shards": 1, "local_steps": 10, "agc_signal": "caption_gain",
@@ -352,3 +352,16 @@ def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp
     skip_rates = [entry["skip_rate"] for entry in logged if "skip_rate" in entry]
     assert len(skip_rates) == 6 and max(skip_rates) > 0
     assert all(abs(rate * 160 - round(rate * 160)) < 1e-9 for rate in skip_rates)  # of all 10 x 16 draws a round
+
+
+def test_the_loops_kept_fraction_counts_the_draws_a_hook_dropped_before_the_forward_pass(tiny_config):
+    """No timestep read, even samples' last reading low: those leave the batch, and the loop's kept fraction
+    is the odd draws over every draw, not over the draws left."""
+    train_set, _ = load_dataset(tiny_config.data)
+    ledger = SampleLedger(len(train_set), smoothing=0.0)
+    ledger.smoothed[0::2] = 0.5
+    bank = LossBank(1000, 0.8)
+    trainer = Trainer(tiny_config, train_set, hooks=[AntiGradientControl(bank, ledger, ratio=1.05, timesteps=(5000, 6000))])
+    odd = sum(i % 2 for i in trainer.batches.batch(trainer.batch_position).tolist())
+    assert 0 < odd < tiny_config.train.batch_size
+    assert trainer.train_step()["kept_fraction"] == pytest.approx(odd / tiny_config.train.batch_size)

@@ -1,0 +1,40 @@
+"""Wall time, FID and held-out loss of a defended emoji run over a plain run of the same seed that ran beside
+it (started together, one thread each): ratios measured side by side, from the two runs' --out files.
+
+    python bench/emoji_pairs.py iet_agc_plus_caption_mid --pair PLAIN.json DEFENDED.json "conditions" [--pair ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from results_io import RESULTS, write_json  # noqa: E402
+
+
+def pair(variant: str, plain_path: Path, defended_path: Path, conditions: str) -> dict:
+    plain = json.loads(plain_path.read_text())["plain"]["runs"][0]
+    defended = json.loads(defended_path.read_text())[variant]["runs"][0]
+    if plain["seed"] != defended["seed"]:
+        raise SystemExit(f"{plain_path} is seed {plain['seed']}, {defended_path} seed {defended['seed']}")
+    ratios = {f"{key}_ratio": defended[key] / plain[key] for key in ("wall_s", "fid", "heldout_loss")}
+    return {"seed": plain["seed"], "conditions": conditions, **ratios, "plain": plain, variant: defended}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("variant")
+    parser.add_argument("--pair", nargs=3, action="append", required=True, metavar=("PLAIN", "DEFENDED", "CONDITIONS"))
+    parser.add_argument("--out", type=Path, default=RESULTS / "emoji_pairs.json")
+    args = parser.parse_args()
+    pairs = [pair(args.variant, Path(p), Path(d), c) for p, d, c in args.pair]
+    write_json(args.out, {"variant": args.variant, "pairs": pairs})
+    for p in pairs:
+        print(p["seed"], {k: round(v, 3) for k, v in p.items() if k.endswith("_ratio")}, p["conditions"])
+
+
+if __name__ == "__main__":
+    main()
