@@ -59,6 +59,9 @@ VARIANTS["iet_agc_plus_caption"] = IET_VARIANTS["iet_agc_plus"] | {
 # t = 225-775 in the per-timestep diagnostic); other draws are judged on their last reading, and leave the
 # batch before the forward pass when it skips them
 VARIANTS["iet_agc_plus_caption_mid"] = VARIANTS["iet_agc_plus_caption"] | {"defense.iet_agc.agc_timesteps": [200, 800]}
+# ... reading half of those draws, at random: the extra pass on fewer draws, and a duplicate whose last
+# reading skipped it leaves more of its batches before the forward pass
+VARIANTS["iet_agc_plus_caption_mid_half"] = VARIANTS["iet_agc_plus_caption_mid"] | {"defense.iet_agc.agc_read_share": 0.5}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

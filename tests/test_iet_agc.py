@@ -338,6 +338,45 @@ def test_agc_reads_its_timesteps_only_and_drops_draws_its_record_skips_before_th
     assert ledger.relative_loss[kept_batch["index"][read]].isfinite().all()
 
 
+def test_agc_reads_its_share_of_the_draws_and_judges_the_rest_on_their_last_reading(tiny_config):
+    """With agc_read_share 0.5 about half the readable draws are read (only they feed the bank and the ledger);
+    of the rest, those whose sample read low last time leave the batch before the forward pass. The choice
+    follows a generator that checkpoints carry: the same state chooses the same draws."""
+    config = merge(tiny_config, {"train.batch_size": 64})
+    train_set, _ = load_dataset(config.data)
+    trainer = Trainer(config, train_set)
+    batch = trainer.next_batch()
+    index = batch["index"]
+    ledger = SampleLedger(len(train_set), smoothing=0.0)
+    ledger.smoothed[index[0::2]] = 0.5  # half the batch's samples read low last time
+    bank = LossBank(trainer.noise_scheduler.config.num_train_timesteps, 0.8)
+    bank.values.fill_(1.0)
+    agc = AntiGradientControl(bank, ledger, ratio=1.05, read_share=0.5, seed=3)
+    saved = agc.state_dict()
+    kept_batch = agc.on_batch_start(dict(batch), trainer)
+    read = kept_batch["agc_read"]
+    assert kept_batch["drawn"] == len(index)
+    low = ledger.smoothed[index] < 1.0  # by sample: a small set repeats samples within a batch
+    assert len(kept_batch["index"]) == len(index) - int(ledger.round_skips.sum()) > len(index) // 2
+    assert set(kept_batch["index"].tolist()) >= set(index[~low].tolist())  # never read low: all kept
+    with torch.no_grad():
+        losses, _ = per_sample_diffusion_loss(trainer.unet, trainer.noise_scheduler, kept_batch["pixels"],
+                                              kept_batch["noise"], kept_batch["timesteps"])
+    agc.on_losses(losses, kept_batch, trainer)
+    read_samples = set(kept_batch["index"][read].tolist())
+    unread_samples = sorted(set(kept_batch["index"][~read].tolist()) - read_samples)
+    assert ledger.relative_loss[sorted(read_samples)].isfinite().all()
+    assert unread_samples and ledger.relative_loss[unread_samples].isinf().all()  # no reading stored
+    again = AntiGradientControl(LossBank(len(bank.values), 0.8), SampleLedger(len(train_set)), ratio=1.05,
+                                skip=False, read_share=0.5)
+    again.load_state_dict(saved)
+    chosen = again.on_batch_start(dict(batch), trainer)["agc_read"]
+    assert 0.3 < chosen.float().mean() < 0.7
+    dropped = ~chosen & low
+    assert kept_batch["index"].tolist() == index[~dropped].tolist()
+    assert read.tolist() == chosen[~dropped].tolist()
+
+
 def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp_path):
     """Through the CLI: AGC's skip rate counts every draw, those dropped before the forward pass included."""
     values = tiny_config_dict(tmp_path / "run", model={"conditioning": "text"},

@@ -54,8 +54,9 @@ class SampleLedger:
     def record(self, index: torch.Tensor, kept: torch.Tensor, relative: torch.Tensor) -> None:
         self.round_visits.index_add_(0, index, torch.ones_like(index))
         self.round_skips.index_add_(0, index, (~kept).long())
-        self.smoothed[index] = self.smooth(index, relative).float()
-        self.relative_loss[index] = torch.where(relative.isnan(), self.relative_loss[index], relative.float())
+        measured = ~relative.isnan()  # only readings are stored: a sample drawn twice keeps a reading over none
+        self.smoothed[index[measured]] = self.smooth(index, relative)[measured].float()
+        self.relative_loss[index[measured]] = relative[measured].float()
 
     def end_round(self, accelerator: Accelerator | None = None) -> None:
         """Adds the round to the totals. Each process saw only its proxies' shards: the round counts are
@@ -115,20 +116,26 @@ class AntiGradientControl(TrainHook):
     smooths) times lambda is below 1; with `skip=False` it only keeps the statistics.
 
     A draw AGC does not read (its timestep outside `timesteps`, or, for the caption gain, its caption dropped)
-    is judged on its sample's earlier reading; when that skips it, it leaves the batch before the forward pass."""
+    is judged on its sample's earlier reading; when that skips it, it leaves the batch before the forward pass.
+    With `read_share` < 1 only that share of the draws it could read, chosen at random, is read; the rest are
+    judged the same way, so a sample whose last reading skipped it mostly costs nothing until it is read again."""
 
     name = "agc"
 
     def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss",
-                 timesteps: tuple[int, int] | None = None):
+                 timesteps: tuple[int, int] | None = None, read_share: float = 1.0, seed: int = 0):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
         self.signal = signal
         self.timesteps = timesteps
+        self.read_share = read_share
+        self.generator = torch.Generator().manual_seed(seed)  # which draws are read; saved with checkpoints
         self.kept = 0
         self.seen = 0
 
     def reads(self, batch) -> torch.Tensor:
-        """Which draws of the batch give AGC a reading."""
+        """Which draws of the batch give AGC a reading: as on_batch_start chose them, else all it can read."""
+        if "agc_read" in batch:
+            return batch["agc_read"].cpu()
         timesteps = batch["timesteps"].cpu()
         read = torch.ones_like(timesteps, dtype=torch.bool)
         if self.timesteps is not None:
@@ -139,10 +146,14 @@ class AntiGradientControl(TrainHook):
         return read
 
     def on_batch_start(self, batch, trainer):
+        read = self.reads(batch)
+        if self.read_share < 1.0:  # a share of the readable draws, at random
+            read &= torch.rand(len(read), generator=self.generator) < self.read_share
+        batch = batch | {"agc_read": read}
         if not self.skip:
             return batch
         index = batch["index"].cpu()
-        decided = ~self.reads(batch) & (self.ledger.smoothed[index] * self.ratio < 1.0)
+        decided = ~read & (self.ledger.smoothed[index] * self.ratio < 1.0)
         decided[0] = decided[0] & ~decided.all()  # one draw stays: every process runs a backward pass
         if not decided.any():
             return batch
@@ -172,11 +183,13 @@ class AntiGradientControl(TrainHook):
         return rate
 
     def state_dict(self):
-        return {"bank": self.bank.values}
+        return {"bank": self.bank.values, "read_generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
         if "bank" in state:
             self.bank.values.copy_(state["bank"])
+        if "read_generator" in state:
+            self.generator.set_state(state["read_generator"])
 
 
 @torch.no_grad()

@@ -38,6 +38,10 @@ class IETConfig:
     # gain separates the duplicates at mid noise and reads about 1 for every image elsewhere; reading it at
     # fewer timesteps also saves its extra forward pass there.
     agc_timesteps: list[int] | None = None
+    # The share of the draws in agc_timesteps that AGC reads, chosen at random; the others are judged like the
+    # draws outside. Below 1 the caption gain's extra pass runs on fewer draws, and a sample whose last reading
+    # skipped it leaves its next batches before their forward pass until it is read again.
+    agc_read_share: float = 1.0
     # Skip (and augment) on a sample's relative loss averaged over its visits, this weight on the past. 0 is
     # the reference code's single draw, which cost +74 % FID on the digits where 0.8 gained 31 %
     # (docs/research/iet-agc.md).
@@ -102,6 +106,8 @@ def validate(config: RunConfig) -> None:
         len(iet.agc_timesteps) == 2 and 0 <= iet.agc_timesteps[0] < iet.agc_timesteps[1]
     ):
         raise MemsafeError(f"{where}.agc_timesteps must be [low, high) with 0 <= low < high, got {iet.agc_timesteps}")
+    if not 0.0 < iet.agc_read_share <= 1.0:
+        raise MemsafeError(f"{where}.agc_read_share must be in (0, 1], got {iet.agc_read_share}")
     if not 0.0 <= iet.agc_smoothing < 1.0:
         raise MemsafeError(f"{where}.agc_smoothing must be in [0, 1), got {iet.agc_smoothing}")
     if iet.outer_learning_rate <= 0.0:

@@ -108,14 +108,15 @@ class IETTrainer:
         self.proxies: list[Trainer] = []
         self.agc: list[AntiGradientControl] = []
         shared_base = bool(config.model.lora_rank)
-        for _ in self.owned:
+        for shard in self.owned:
             first = self.proxies[0] if self.proxies else None
             unet = None
             if first is not None:
                 unet = first.unwrapped if shared_base else copy.deepcopy(first.unwrapped)
             bank = LossBank(timesteps, iet.bank_decay, start_at_first=iet.agc_signal != "loss")
             agc = AntiGradientControl(bank, self.ledger, self.ratio, skip=iet.agc, signal=iet.agc_signal,
-                                      timesteps=iet.agc_timesteps)
+                                      timesteps=iet.agc_timesteps, read_share=iet.agc_read_share,
+                                      seed=config.train.seed * 1000 + shard)
             hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
             self.agc.append(agc)
             self.proxies.append(
