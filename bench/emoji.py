@@ -8,8 +8,11 @@ membership inference, training wall time.
     memsafe data emoji data/emoji32 --size 32          # once (fetches the npm packages)
     python bench/emoji.py data/emoji32 [--seeds 3] [--variants plain,plain_early_stop,iet_agc_plus] [--steps N]
 
-With --workdir DIR the runs stay in DIR/runs for bench/emoji_guidance.py (copies and FID over the guidance
-scale); bench/merge_runs.py adds runs written by separate invocations to one results file.
+Copies of the duplicated prompts and FID are also read at the guidance scales of --guidance (`g<scale>_*`;
+default 3,5,7): a stronger scale cuts any model's copies, so each variant is compared over the grid, and plain
+at a higher scale is a defense to beat. With --workdir DIR the runs stay in DIR/runs for
+bench/emoji_guidance.py (the same grid read again on finished runs); bench/merge_runs.py adds runs written by
+separate invocations to one results file.
 """
 
 from __future__ import annotations
@@ -62,6 +65,9 @@ VARIANTS["iet_agc_plus_caption_mid"] = VARIANTS["iet_agc_plus_caption"] | {"defe
 # ... reading half of those draws, at random: the extra pass on fewer draws, and a duplicate whose last
 # reading skipped it leaves more of its batches before the forward pass
 VARIANTS["iet_agc_plus_caption_mid_half"] = VARIANTS["iet_agc_plus_caption_mid"] | {"defense.iet_agc.agc_read_share": 0.5}
+# ... read at t = 500-800 only, where one draw of the gain separated the duplicates best (AUC 0.87-0.99)
+VARIANTS["iet_agc_plus_caption_late_half"] = VARIANTS["iet_agc_plus_caption_mid_half"] | {
+    "defense.iet_agc.agc_timesteps": [500, 800]}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
@@ -143,42 +149,80 @@ def prompt_groups(train_set, holdout, dup: torch.Tensor, samples_per_group: int,
     return distinct, own, prompts
 
 
-def measure(run_dir: Path, config, samples_per_group: int, seed: int) -> dict:
+class Probe:
+    """What one model's generations are read against, built once per run: the prompt groups, the SSCD
+    embeddings of the distinct training emoji and of the held-out ones, and FID's feature net."""
+
+    def __init__(self, config, train_set, holdout, dup: torch.Tensor, samples_per_group: int, seed: int):
+        self.holdout = holdout
+        self.distinct, self.own, self.prompts = prompt_groups(train_set, holdout, dup, samples_per_group, seed)
+        real = torch.cat([train_set.as_model_input()[self.distinct], holdout.as_model_input()])
+        self.feature_net = domain_feature_net(real, False)
+        self.detector = sscd.SSCD(config.eval.sscd_size)
+        self.references = sscd.cached_embeddings(self.detector, train_set.pixels[self.distinct])
+        self.holdout_references = sscd.cached_embeddings(self.detector, holdout.pixels)
+        row = {index: r for r, index in enumerate(self.distinct)}
+        self.rows = {group: torch.tensor([row[i] for i in self.own[group]]) for group in ("dup", "unique")}
+
+    def drawn(self, embedded: torch.Tensor, group: str) -> float:
+        """The share of the group's generations whose SSCD-nearest image is the prompt's own emoji."""
+        rows = self.rows[group]
+        return own_image_nearest(embedded, self.references[rows], self.references, own_index=rows).double().mean().item()
+
+    def fid(self, generated: torch.Tensor) -> float:
+        return fid_with_features(self.holdout.as_model_input(), generated, self.feature_net)
+
+    def at_scale(self, unet, config, scale: float) -> dict:
+        """Copies of the duplicated prompts and FID of the held-out ones, sampled at guidance `scale`."""
+        sample = prompt_sampler(unet, merge(config, {"eval.guidance_scale": scale}), seed=config.eval.seed)
+        embedded = self.detector.embed(to_uint8(sample(self.prompts["dup"])))
+        found, _ = sscd.replication_statistics(embedded, self.references, self.holdout_references)
+        return {"dup_extracted_sscd": self.drawn(embedded, "dup"), "dup_copy_rate_sscd": found["copy_rate_sscd"],
+                "fid": self.fid(sample(self.prompts["holdout"]))}
+
+
+GRID_READINGS = ("dup_extracted_sscd", "dup_copy_rate_sscd", "fid")
+
+
+def grid_key(scale: float, reading: str) -> str:
+    return f"g{scale:g}_{reading}"
+
+
+def measure(run_dir: Path, config, samples_per_group: int, seed: int, scales: list[float]) -> dict:
     """Copies three ways: the NN ratio in pixels, the literature's SSCD replication rate (cosine > 0.5 to any
     training emoji) and `*_extracted_sscd`, the share of generations whose SSCD-nearest image, among the
     distinct training emoji and the prompt's own emoji, is that own emoji (for held-out prompts, whose emoji
-    was never trained on, it is the rate a caption alone gets there)."""
+    was never trained on, it is the rate a caption alone gets there). At the config's guidance scale, all of
+    them; at every other scale of `scales`, the duplicated prompts' copies and FID (`g<scale>_*`)."""
     train_set, holdout = load_dataset(config.data)
     dup = duplicated_flags(Path(config.data.source), train_set.names)
-    distinct, own, prompts = prompt_groups(train_set, holdout, dup, samples_per_group, seed)
+    probe = Probe(config, train_set, holdout, dup, samples_per_group, seed)
+    distinct = probe.distinct
     dup_distinct = [i for i in distinct if dup[i]]
     unique = [i for i in distinct if not dup[i]]
     unet = load_run_unet(run_dir, config)
     sample = prompt_sampler(unet, config, seed=config.eval.seed)
-    generated = {group: sample(group_prompts) for group, group_prompts in prompts.items()}
+    generated = {group: sample(group_prompts) for group, group_prompts in probe.prompts.items()}
 
     train_images = train_set.as_model_input()
-    detector = sscd.SSCD(config.eval.sscd_size)
-    references = sscd.cached_embeddings(detector, train_set.pixels[distinct])
-    embedded = {group: detector.embed(to_uint8(images)) for group, images in generated.items()}
-    holdout_references = sscd.cached_embeddings(detector, holdout.pixels)
-    found = own_image_nearest(embedded["holdout"], holdout_references, references)
+    embedded = {group: probe.detector.embed(to_uint8(images)) for group, images in generated.items()}
+    found = own_image_nearest(embedded["holdout"], probe.holdout_references, probe.references)
     readings = {"holdout_extracted_sscd": found.double().mean().item()}
-    row = {index: r for r, index in enumerate(distinct)}
     for group in ("dup", "unique"):
-        rows = torch.tensor([row[i] for i in own[group]])
-        found = own_image_nearest(embedded[group], references[rows], references, own_index=rows)
-        readings[f"{group}_extracted_sscd"] = found.double().mean().item()
+        readings[f"{group}_extracted_sscd"] = probe.drawn(embedded[group], group)
         ratios = distance_ratio(distinct_nearest_neighbours(generated[group], train_images, k=2))
         readings[f"{group}_memorized_nn"] = memorized_fraction(ratios, config.eval.memorization_threshold)
-        found, _ = sscd.replication_statistics(embedded[group], references, holdout_references)
+        found, _ = sscd.replication_statistics(embedded[group], probe.references, probe.holdout_references)
         readings[f"{group}_copy_rate_sscd"] = found["copy_rate_sscd"]
         readings[f"{group}_sim_95pc_sscd"] = found["sim_95pc_sscd"]
         readings["holdout_copy_rate_sscd"] = found["holdout_copy_rate_sscd"]
-    real = torch.cat([train_images[distinct], holdout.as_model_input()])
-    readings["fid"] = fid_with_features(holdout.as_model_input(), generated["holdout"], domain_feature_net(real, False))
+    readings["fid"] = probe.fid(generated["holdout"])
     readings["heldout_loss"] = run_heldout_loss(run_dir, holdout).mean().item()
     readings |= membership(unet, config, train_set, holdout, unique, dup_distinct)
+    for scale in scales:
+        at_scale = ({k: readings[k] for k in GRID_READINGS} if scale == config.eval.guidance_scale
+                    else probe.at_scale(unet, config, scale))
+        readings |= {grid_key(scale, k): v for k, v in at_scale.items()}
     return readings | agc_skip_rates(run_dir, dup)
 
 
@@ -224,7 +268,7 @@ def run_variant(name: str, seed: int, args, train: Path, holdout: Path, root: Pa
     started = time.perf_counter()
     run_dir = train_run(trained_on, progress=sys.stderr.isatty())
     wall = time.perf_counter() - started
-    return {"seed": seed, "wall_s": wall, "steps": steps, **measure(run_dir, config, args.samples, seed)}
+    return {"seed": seed, "wall_s": wall, "steps": steps, **measure(run_dir, config, args.samples, seed, args.scales)}
 
 
 def markdown(results: dict) -> list[str]:
@@ -238,6 +282,25 @@ def markdown(results: dict) -> list[str]:
         relative = lambda key: f"{(r[key] / plain[key] - 1) * 100:+.1f} %" if plain and plain[key] else "-"  # noqa: E731
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f} ± {r[f'{k}_std']:.3f}" if k in r else "-" for k in shown)
                      + f" | {relative('fid')} | {relative('heldout_loss')} |")
+    return lines + [""] + guidance_table(results)
+
+
+def guidance_table(results: dict) -> list[str]:
+    """Own emoji drawn by the duplicated prompts and FID at each guidance scale measured: a stronger scale
+    pushes any model's samples off its training images, so plain at a higher scale is a defense too."""
+    scales = sorted({float(k[1:].split("_", 1)[0]) for r in results.values() for k in r if k.startswith("g")
+                     and k.endswith("_fid") and not k.endswith("_std")})
+    if not scales:
+        return []
+    lines = ["| variant | " + " | ".join(f"guidance {s:g}: drawn (dup.) / FID" for s in scales) + " |",
+             "|---|" + "---|" * len(scales)]
+    for name, r in results.items():
+        cells = []
+        for scale in scales:
+            drawn, fid = grid_key(scale, "dup_extracted_sscd"), grid_key(scale, "fid")
+            cells.append(f"{r[drawn]:.2f} ± {r[drawn + '_std']:.2f} / {r[fid]:.2f} ± {r[fid + '_std']:.2f}"
+                         if fid in r else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -254,18 +317,21 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=100, help="copies of each duplicated emoji")
     parser.add_argument("--holdout", type=int, default=500)
     parser.add_argument("--samples", type=int, default=100, help="generations per group (duplicated, unique)")
+    parser.add_argument("--guidance", default="3,5,7",
+                        help="guidance scales at which the duplicated prompts' copies and FID are also read")
     parser.add_argument("--out", default=str(RESULTS / "emoji.json"))
     parser.add_argument("--merge", action="store_true", help="add to an existing --out (same variant+seed replaced)")
     parser.add_argument("--workdir", help="keep the split data and the runs here (default: a temporary folder)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for defended variants")
     args = parser.parse_args()
+    args.scales = [float(scale) for scale in args.guidance.split(",") if scale]
     import yaml
 
     extra = {k: yaml.safe_load(v) for k, _, v in (pair.partition("=") for pair in args.set)}
     names = args.variants.split(",")
     out = Path(args.out)
     runs, history = previous_runs(out, args.merge)
-    settings = {k: getattr(args, k) for k in ("steps", "distinct", "duplicated", "copies", "holdout", "samples")}
+    settings = {k: getattr(args, k) for k in ("steps", "distinct", "duplicated", "copies", "holdout", "samples", "scales")}
     keep = contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory()
     with keep as tmp:
         train, holdout = split_emoji(Path(args.folder), args.distinct, args.duplicated, args.copies, args.holdout,
@@ -275,7 +341,8 @@ def main() -> None:
                 record = run_variant(name, seed, args, train, holdout, Path(tmp) / "runs", extra)
                 add_run(runs, name, record)
                 print(json.dumps({"variant": name, **record}), flush=True)
-                results = {n: seed_summary(runs[n], READINGS) for n in VARIANTS if n in runs}
+                readings = READINGS + tuple(grid_key(scale, k) for scale in args.scales for k in GRID_READINGS)
+                results = {n: seed_summary(runs[n], readings) for n in VARIANTS if n in runs}
                 write_results(out, results | history | {"settings": settings | {"set": extra}}, markdown(results), echo=False)
     print("\n".join(markdown(results)))
 

@@ -1,5 +1,5 @@
 """Copies and FID of finished emoji runs (kept by `bench/emoji.py --workdir DIR`) at several guidance
-scales: a defense that weakens what the caption pulls out of the model may need stronger guidance for the
+scales, read as bench/emoji.py reads its --guidance grid (for runs measured before it had one): a defense that weakens what the caption pulls out of the model may need stronger guidance for the
 same quality, and stronger guidance may bring the copies back, so both are read at every scale.
 
     python bench/emoji_guidance.py DIR/runs/plain-1 DIR/runs/iet_agc_plus_caption_mid-1 [--scales 1,3,5,7]
@@ -15,44 +15,23 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from emoji import duplicated_flags, prompt_groups  # noqa: E402
+from emoji import Probe, duplicated_flags  # noqa: E402
 from results_io import CARRIED, METADATA, RESULTS, write_results  # noqa: E402
 
-from memsafe.config import merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
-from memsafe.data.images import to_uint8  # noqa: E402
-from memsafe.metrics import sscd  # noqa: E402
-from memsafe.metrics.copy_detection import own_image_nearest  # noqa: E402
-from memsafe.metrics.features import domain_feature_net  # noqa: E402
-from memsafe.metrics.fid import fid_with_features  # noqa: E402
-from memsafe.runs import load_run_config, load_run_unet, prompt_sampler  # noqa: E402
+from memsafe.runs import load_run_config, load_run_unet  # noqa: E402
 
 
 def readings(run_dir: Path, scales: list[float], samples: int) -> dict[str, dict[str, float]]:
     config = load_run_config(run_dir)
     seed = int(run_dir.name.rsplit("-", 1)[1])  # bench/emoji.py names a run <variant>-<seed>
     train_set, holdout = load_dataset(config.data)
-    distinct, own, prompts = prompt_groups(train_set, holdout, duplicated_flags(Path(config.data.source), train_set.names),
-                                           samples, seed)
-    real = torch.cat([train_set.as_model_input()[distinct], holdout.as_model_input()])
-    feature_net = domain_feature_net(real, False)
-    detector = sscd.SSCD(config.eval.sscd_size)
-    references = sscd.cached_embeddings(detector, train_set.pixels[distinct])
-    holdout_references = sscd.cached_embeddings(detector, holdout.pixels)
-    rows = torch.tensor([distinct.index(i) for i in own["dup"]])
+    probe = Probe(config, train_set, holdout, duplicated_flags(Path(config.data.source), train_set.names), samples, seed)
     unet = load_run_unet(run_dir, config)
     out = {}
     for scale in scales:
-        sample = prompt_sampler(unet, merge(config, {"eval.guidance_scale": scale}), seed=config.eval.seed)
-        embedded = detector.embed(to_uint8(sample(prompts["dup"])))
-        found, _ = sscd.replication_statistics(embedded, references, holdout_references)
-        drawn = own_image_nearest(embedded, references[rows], references, own_index=rows)
-        out[str(scale)] = {"dup_extracted_sscd": drawn.double().mean().item(),
-                           "dup_copy_rate_sscd": found["copy_rate_sscd"],
-                           "fid": fid_with_features(holdout.as_model_input(), sample(prompts["holdout"]), feature_net)}
+        out[str(scale)] = probe.at_scale(unet, config, scale)
         print(run_dir.name, scale, json.dumps(out[str(scale)]), flush=True)
     return out
 
