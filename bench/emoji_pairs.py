@@ -1,5 +1,7 @@
 """Wall time, FID and held-out loss of a defended emoji run over a plain run of the same seed that ran beside
-it (started together, one thread each): ratios measured side by side, from the two runs' --out files.
+it (started together, one thread each): ratios measured side by side, from the two runs' --out files. The file
+holds one entry per defended variant (its pairs, the command and commit that wrote them); the other variants'
+entries are kept.
 
     python bench/emoji_pairs.py iet_agc_plus_caption_mid --pair PLAIN.json DEFENDED.json "conditions" [--pair ...]
 """
@@ -12,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_io import RESULTS, write_json  # noqa: E402
+from results_io import METADATA, RESULTS, provenance, write_json  # noqa: E402
 
 
 def pair(variant: str, plain_path: Path, defended_path: Path, conditions: str) -> dict:
@@ -31,7 +33,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "emoji_pairs.json")
     args = parser.parse_args()
     pairs = [pair(args.variant, Path(p), Path(d), c) for p, d, c in args.pair]
-    write_json(args.out, {"variant": args.variant, "pairs": pairs})
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if "variant" in previous:  # the layout of one variant per file, before 2026-12-06
+        previous = {previous["variant"]: {key: previous[key] for key in ("pairs", *METADATA) if key in previous}}
+    entries = {name: value for name, value in previous.items() if name not in METADATA}
+    stamp = provenance()
+    entries[args.variant] = {"pairs": pairs} | {key: stamp[key] for key in ("command", "git_commit", "uncommitted_changes")}
+    write_json(args.out, entries)
     for p in pairs:
         print(p["seed"], {k: round(v, 3) for k, v in p.items() if k.endswith("_ratio")}, p["conditions"])
 
