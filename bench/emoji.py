@@ -68,6 +68,8 @@ VARIANTS["iet_agc_plus_caption_mid_half"] = VARIANTS["iet_agc_plus_caption_mid"]
 # ... read at t = 500-800 only, where one draw of the gain separated the duplicates best (AUC 0.87-0.99)
 VARIANTS["iet_agc_plus_caption_late_half"] = VARIANTS["iet_agc_plus_caption_mid_half"] | {
     "defense.iet_agc.agc_timesteps": [500, 800]}
+# ... read at t = 200-500 only (the late band above held the duplicates back far less)
+VARIANTS["iet_agc_plus_caption_lowmid"] = VARIANTS["iet_agc_plus_caption"] | {"defense.iet_agc.agc_timesteps": [200, 500]}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
