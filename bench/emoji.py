@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -190,6 +191,13 @@ def grid_key(scale: float, reading: str) -> str:
     return f"g{scale:g}_{reading}"
 
 
+def summary_keys(runs: list[dict]) -> tuple[str, ...]:
+    """The readings summarised over seeds: READINGS and the guidance grid's (`g<scale>_*`) the runs have."""
+    grid = {key for run in runs for key in run
+            if (found := re.fullmatch(r"g[0-9.]+_(\w+)", key)) and found[1] in GRID_READINGS}
+    return READINGS + tuple(sorted(grid))
+
+
 def measure(run_dir: Path, config, samples_per_group: int, seed: int, scales: list[float]) -> dict:
     """Copies three ways: the NN ratio in pixels, the literature's SSCD replication rate (cosine > 0.5 to any
     training emoji) and `*_extracted_sscd`, the share of generations whose SSCD-nearest image, among the
@@ -343,8 +351,7 @@ def main() -> None:
                 record = run_variant(name, seed, args, train, holdout, Path(tmp) / "runs", extra)
                 add_run(runs, name, record)
                 print(json.dumps({"variant": name, **record}), flush=True)
-                readings = READINGS + tuple(grid_key(scale, k) for scale in args.scales for k in GRID_READINGS)
-                results = {n: seed_summary(runs[n], readings) for n in VARIANTS if n in runs}
+                results = {n: seed_summary(runs[n], summary_keys(runs[n])) for n in VARIANTS if n in runs}
                 write_results(out, results | history | {"settings": settings | {"set": extra}}, markdown(results), echo=False)
     print("\n".join(markdown(results)))
 

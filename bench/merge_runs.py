@@ -29,14 +29,15 @@ def merge(bench: str, into: Path, variant: str, sources: list[Path]) -> dict:
             raise SystemExit(f"{source}: no variant {variant!r}")
         for run in found["runs"]:
             runs = with_run(runs, run)
-    results[variant] = seed_summary(runs, module.READINGS)
+    keys = module.summary_keys(runs) if hasattr(module, "summary_keys") else module.READINGS
+    results[variant] = seed_summary(runs, keys)
     write_results(into, results, module.markdown(without_metadata(results)), echo=False)
     return results[variant]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bench", help="the benchmark module under bench/ (its READINGS and markdown)")
+    parser.add_argument("bench", help="the benchmark module under bench/ (its READINGS or summary_keys, and markdown)")
     parser.add_argument("into", type=Path, help="the results file to add to")
     parser.add_argument("variant")
     parser.add_argument("sources", type=Path, nargs="+", help="--out files of the separate invocations")
