@@ -289,10 +289,17 @@ def markdown(results: dict) -> list[str]:
     lines = ["| variant | " + " | ".join(shown) + " | FID vs plain | held-out loss vs plain |",
              "|---|" + "---|" * (len(shown) + 2)]
     for name, r in results.items():
-        relative = lambda key: f"{(r[key] / plain[key] - 1) * 100:+.1f} %" if plain and plain[key] else "-"  # noqa: E731
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f} ± {r[f'{k}_std']:.3f}" if k in r else "-" for k in shown)
-                     + f" | {relative('fid')} | {relative('heldout_loss')} |")
+        cells = [f"{r[k]:.3f} ± {r[f'{k}_std']:.3f}" if k in r else "-" for k in shown]
+        relative = [same_seed_change(r["runs"], plain["runs"] if plain else [], k) for k in ("fid", "heldout_loss")]
+        lines.append(f"| {name} | " + " | ".join(cells + relative) + " |")
     return lines + [""] + guidance_table(results)
+
+
+def same_seed_change(runs: list[dict], plain_runs: list[dict], key: str) -> str:
+    """The mean change of `key` over plain's run of the same seed (seeds plain lacks are left out)."""
+    plain = {r["seed"]: r[key] for r in plain_runs if key in r}
+    ratios = [r[key] / plain[r["seed"]] for r in runs if r["seed"] in plain and key in r]
+    return f"{(sum(ratios) / len(ratios) - 1) * 100:+.1f} % (seeds {len(ratios)})" if ratios else "-"
 
 
 def guidance_table(results: dict) -> list[str]:
