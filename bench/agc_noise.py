@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import RESULTS, write_json
-from tests.test_iet_quality import glyph_folder
+from memsafe.data.glyphs import glyph_folder
 from memsafe.config import config_from_dict
 from memsafe.data import load_dataset
 from memsafe.defenses.iet_agc.driver import IETTrainer

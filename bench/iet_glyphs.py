@@ -15,12 +15,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_io import RESULTS, seed_summary, write_results  # noqa: E402
-from tests.test_iet_quality import glyph_folder  # noqa: E402
 
 from memsafe.config import config_from_dict  # noqa: E402
+from memsafe.data.glyphs import glyph_folder  # noqa: E402
 from memsafe.runs import evaluate_run, train_run  # noqa: E402
 
 IET = {"name": "iet_agc"}

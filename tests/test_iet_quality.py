@@ -6,30 +6,13 @@ plain training (2.1x); models that learned nothing scored about 50 against the t
 5 minutes on 2 cores."""
 
 import json
-import string
 
 import yaml
-from PIL import Image, ImageDraw, ImageFont
 
 from memsafe.cli import main
+from memsafe.data.glyphs import glyph_folder
 
 QUALITY_FACTOR = 3.0  # FID of IET-AGC+ against plain training's, on images neither saw
-
-
-def glyph_folder(folder, count=64, size=16):
-    """`count` captioned glyphs (letters, digits, punctuation) drawn in PIL's built-in font, one per image."""
-    folder.mkdir()
-    font = ImageFont.load_default()
-    rows = []
-    for i, char in enumerate((string.ascii_letters + string.digits + "#%&@?!")[:count]):
-        image = Image.new("L", (size, size), color=255)
-        draw = ImageDraw.Draw(image)
-        left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
-        draw.text(((size - (right - left)) / 2 - left, (size - (bottom - top)) / 2 - top), char, fill=0, font=font)
-        image.save(folder / f"{i:03d}.png")
-        rows.append({"file_name": f"{i:03d}.png", "text": f"the glyph {char}"})
-    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder
 
 
 def test_iet_agc_with_its_defaults_learns_a_users_folder(tmp_path):
