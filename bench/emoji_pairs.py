@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_io import METADATA, RESULTS, provenance, write_json  # noqa: E402
+from results_io import CARRIED, METADATA, RESULTS, provenance, write_json  # noqa: E402
 
 
 def pair(variant: str, plain_path: Path, defended_path: Path, conditions: str) -> dict:
@@ -39,7 +39,7 @@ def main() -> None:
     entries = {name: value for name, value in previous.items() if name not in METADATA}
     stamp = provenance()
     entries[args.variant] = {"pairs": pairs} | {key: stamp[key] for key in ("command", "git_commit", "uncommitted_changes")}
-    write_json(args.out, entries)
+    write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous})
     for p in pairs:
         print(p["seed"], {k: round(v, 3) for k, v in p.items() if k.endswith("_ratio")}, p["conditions"])
 

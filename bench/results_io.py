@@ -17,7 +17,13 @@ CARRIED = ("recorded", "renamed")  # notes on a file's history, kept when runs a
 
 
 def provenance() -> dict:
-    """The command line, git commit (and whether the tree had uncommitted changes) and date of this run."""
+    """The command line, git commit (and whether the tree had uncommitted changes) and date of this run, as
+    they were when the benchmark started (this module's import): a run of half an hour is stamped with the
+    code it ran, not with whatever was committed by the time it wrote."""
+    return dict(AT_LAUNCH)
+
+
+def read_provenance() -> dict:
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
@@ -29,6 +35,9 @@ def provenance() -> dict:
             "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
                                             ":(exclude)bench/results")),
             "date": time.strftime("%Y-%m-%d")}
+
+
+AT_LAUNCH = read_provenance()
 
 
 def previous_runs(out: Path, merge: bool) -> tuple[dict[str, list[dict]], dict]:
