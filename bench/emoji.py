@@ -191,11 +191,20 @@ def grid_key(scale: float, reading: str) -> str:
     return f"g{scale:g}_{reading}"
 
 
+def grid_reading(key: str) -> tuple[float, str] | None:
+    """(scale, reading) of a guidance-grid key `g<scale>_<reading>`, else None."""
+    found = re.fullmatch(r"g([0-9.]+)_(\w+)", key)
+    return (float(found[1]), found[2]) if found and found[2] in GRID_READINGS else None
+
+
 def summary_keys(runs: list[dict]) -> tuple[str, ...]:
     """The readings summarised over seeds: READINGS and the guidance grid's (`g<scale>_*`) the runs have."""
-    grid = {key for run in runs for key in run
-            if (found := re.fullmatch(r"g[0-9.]+_(\w+)", key)) and found[1] in GRID_READINGS}
-    return READINGS + tuple(sorted(grid))
+    return READINGS + tuple(sorted({key for run in runs for key in run if grid_reading(key)}))
+
+
+def summarise(runs: dict[str, list[dict]]) -> dict:
+    """Each variant's seed summary, in VARIANTS order."""
+    return {name: seed_summary(runs[name], summary_keys(runs[name])) for name in VARIANTS if name in runs}
 
 
 def measure(run_dir: Path, config, samples_per_group: int, seed: int, scales: list[float]) -> dict:
@@ -305,8 +314,7 @@ def same_seed_change(runs: list[dict], plain_runs: list[dict], key: str) -> str:
 def guidance_table(results: dict) -> list[str]:
     """Own emoji drawn by the duplicated prompts and FID at each guidance scale measured: a stronger scale
     pushes any model's samples off its training images, so plain at a higher scale is a defense too."""
-    scales = sorted({float(k[1:].split("_", 1)[0]) for r in results.values() for k in r if k.startswith("g")
-                     and k.endswith("_fid") and not k.endswith("_std")})
+    scales = sorted({found[0] for r in results.values() for key in r if (found := grid_reading(key))})
     if not scales:
         return []
     lines = ["| variant | " + " | ".join(f"guidance {s:g}: drawn (dup.) / FID" for s in scales) + " |",
@@ -358,7 +366,7 @@ def main() -> None:
                 record = run_variant(name, seed, args, train, holdout, Path(tmp) / "runs", extra)
                 add_run(runs, name, record)
                 print(json.dumps({"variant": name, **record}), flush=True)
-                results = {n: seed_summary(runs[n], summary_keys(runs[n])) for n in VARIANTS if n in runs}
+                results = summarise(runs)
                 write_results(out, results | history | {"settings": settings | {"set": extra}}, markdown(results), echo=False)
     print("\n".join(markdown(results)))
 

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emoji import VARIANTS, markdown, measure, summary_keys  # noqa: E402
-from results_io import add_run, previous_runs, seed_summary, write_results  # noqa: E402
+from emoji import markdown, measure, summarise  # noqa: E402
+from results_io import add_run, previous_runs, write_results  # noqa: E402
 
 from memsafe.runs import load_run_config  # noqa: E402
 
@@ -46,7 +46,7 @@ def main() -> None:
         name, record = remeasured(run_dir, runs, args.samples, scales)
         add_run(runs, name, record)
         print(json.dumps({"variant": name, **record}), flush=True)
-    results = {n: seed_summary(runs[n], summary_keys(runs[n])) for n in VARIANTS if n in runs}
+    results = summarise(runs)
     write_results(args.results, results | history | {"settings": settings}, markdown(results), echo=False)
 
 

@@ -134,8 +134,10 @@ class AntiGradientControl(TrainHook):
 
     def reads(self, batch) -> torch.Tensor:
         """Which draws of the batch give AGC a reading: as on_batch_start chose them, else all it can read."""
-        if "agc_read" in batch:
-            return batch["agc_read"].cpu()
+        return batch["agc_read"].cpu() if "agc_read" in batch else self.readable(batch)
+
+    def readable(self, batch) -> torch.Tensor:
+        """The draws AGC can read: its timesteps, and (caption gain) a caption that was not dropped."""
         timesteps = batch["timesteps"].cpu()
         read = torch.ones_like(timesteps, dtype=torch.bool)
         if self.timesteps is not None:
@@ -146,7 +148,7 @@ class AntiGradientControl(TrainHook):
         return read
 
     def on_batch_start(self, batch, trainer):
-        read = self.reads(batch)
+        read = self.readable(batch)
         if self.read_share < 1.0:  # a share of the readable draws, at random
             read &= torch.rand(len(read), generator=self.generator) < self.read_share
         batch = batch | {"agc_read": read}
