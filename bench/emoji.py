@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from iet import IET  # noqa: E402
 from iet import VARIANTS as IET_VARIANTS  # noqa: E402
-from results_io import RESULTS, add_run, previous_runs, seed_summary, write_results  # noqa: E402
+from results_io import RESULTS, add_run, previous_runs, same_seed_change, seed_summary, write_results  # noqa: E402
 
 from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
@@ -302,13 +302,6 @@ def markdown(results: dict) -> list[str]:
         relative = [same_seed_change(r["runs"], plain["runs"] if plain else [], k) for k in ("fid", "heldout_loss")]
         lines.append(f"| {name} | " + " | ".join(cells + relative) + " |")
     return lines + [""] + guidance_table(results)
-
-
-def same_seed_change(runs: list[dict], plain_runs: list[dict], key: str) -> str:
-    """The mean change of `key` over plain's run of the same seed (seeds plain lacks are left out)."""
-    plain = {r["seed"]: r[key] for r in plain_runs if key in r}
-    ratios = [r[key] / plain[r["seed"]] for r in runs if r["seed"] in plain and key in r]
-    return f"{(sum(ratios) / len(ratios) - 1) * 100:+.1f} % (seeds {len(ratios)})" if ratios else "-"
 
 
 def guidance_table(results: dict) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
-from results_io import RESULTS, add_run, previous_runs, seed_summary, write_results
+from results_io import RESULTS, add_run, previous_runs, same_seed_change, seed_summary, write_results
 
 IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
 REFERENCE_RULE = {"defense.iet_agc.agc_smoothing": 0.0}  # AGC on one draw, as the public reference code
@@ -30,7 +30,7 @@ VARIANTS = {
 }
 # Every AGC variant again under the reference rule (until 2026-12-05 the default; docs/research/iet-agc.md)
 VARIANTS |= {f"{name}_reference": VARIANTS[name] | REFERENCE_RULE for name in list(VARIANTS) if name.startswith("iet_agc")}
-METRICS = ("memorized_fraction", "copy_fraction", "fid", "mia_auc", "mia_tpr_at_1pct_fpr", "wall_s")
+METRICS = ("memorized_fraction", "copy_fraction", "fid", "heldout_loss", "mia_auc", "mia_tpr_at_1pct_fpr", "wall_s")
 
 
 def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict | None = None) -> dict:
@@ -49,19 +49,24 @@ def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict
 
 
 def markdown(results: dict) -> str:
-    plain = results.get("plain")
+    """Seed means ± spreads; a change over plain is the mean over seeds of each run against plain's run of the
+    same seed (the variants of one seed run one after the other, so machine drift hits them alike)."""
+    plain_runs = results["plain"]["runs"] if "plain" in results else []
     lines = [
-        "| variant | memorized (NN ratio < 1/3) | vs plain | copy fraction | FID (domain) | FID vs plain | MIA AUC | wall s "
-        "| wall vs plain |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | memorized (NN ratio < 1/3) | copy fraction | FID (domain) | FID vs plain | held-out loss "
+        "| held-out vs plain | MIA AUC | wall s | wall vs plain |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(r: dict, key: str, digits: int) -> str:  # runs before 2026-12-05 lack the MIA, before 12-06 held-out
+        return f"{r[key]:.{digits}f} ± {r[key + '_std']:.{digits}f}" if key in r else "-"
+
     for name, r in results.items():
-        rel = lambda key: f"{(r[key] / plain[key] - 1) * 100:+.0f} %" if plain and plain[key] else "-"  # noqa: E731
-        mia = f"{r['mia_auc']:.3f} ± {r['mia_auc_std']:.3f}" if "mia_auc" in r else "-"  # runs before 2026-12-05 lack it
+        change = {key: same_seed_change(r["runs"], plain_runs, key) for key in ("fid", "heldout_loss", "wall_s")}
         lines.append(
-            f"| {name} | {r['memorized_fraction']:.3f} ± {r['memorized_fraction_std']:.3f} | {rel('memorized_fraction')} "
-            f"| {r['copy_fraction']:.3f} ± {r['copy_fraction_std']:.3f} | {r['fid']:.3f} ± {r['fid_std']:.3f} "
-            f"| {rel('fid')} | {mia} | {r['wall_s']:.0f} ± {r['wall_s_std']:.0f} | {rel('wall_s')} |"
+            f"| {name} | {cell(r, 'memorized_fraction', 3)} | {cell(r, 'copy_fraction', 3)} | {cell(r, 'fid', 3)} "
+            f"| {change['fid']} | {cell(r, 'heldout_loss', 4)} | {change['heldout_loss']} | {cell(r, 'mia_auc', 3)} "
+            f"| {cell(r, 'wall_s', 0)} | {change['wall_s']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -76,6 +76,13 @@ def seed_summary(runs: list[dict], keys) -> dict:
     return out | {"seeds": [r["seed"] for r in runs], "runs": runs}
 
 
+def same_seed_change(runs: list[dict], plain_runs: list[dict], key: str) -> str:
+    """The mean change of `key` over plain's run of the same seed (seeds plain lacks are left out)."""
+    plain = {r["seed"]: r[key] for r in plain_runs if key in r}
+    ratios = [r[key] / plain[r["seed"]] for r in runs if r["seed"] in plain and key in r]
+    return f"{(sum(ratios) / len(ratios) - 1) * 100:+.1f} % (seeds {len(ratios)})" if ratios else "-"
+
+
 def write_json(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results | provenance(), indent=2) + "\n")

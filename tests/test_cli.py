@@ -34,7 +34,7 @@ def test_train_evaluate_generate_end_to_end(tmp_path, capsys):
 
     assert main(["evaluate", str(run), "--no-progress"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("memorized_fraction", "copy_fraction", "fid", "mq_counts", "sim_95pc"):
+    for key in ("memorized_fraction", "copy_fraction", "fid", "mq_counts", "sim_95pc", "heldout_loss"):
         assert key in metrics
     assert 0.0 <= metrics["memorized_fraction"] <= 1.0
     assert metrics["num_samples"] == 32 and metrics["fid_reference"] == "holdout"

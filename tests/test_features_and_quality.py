@@ -5,6 +5,7 @@ from memsafe.data import load_images
 from memsafe.config import DataConfig
 from memsafe.metrics import copy_statistics, fid_with_features, top1_similarity, train_feature_net
 from memsafe.metrics.features import augment, load_feature_net, save_feature_net
+from tests.conftest import tiny_config_dict
 
 
 def _digits():
@@ -65,3 +66,15 @@ def test_inception_fid_needs_its_weights_on_disk(tmp_path):
 
     with pytest.raises(MemsafeError, match="eval.inception_weights file not found"):
         fid_inception(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8), tmp_path / "pt_inception.pth")
+
+
+def test_heldout_loss_of_an_unconditional_run_falls_with_training(tmp_path):
+    from memsafe.config import config_from_dict
+    from memsafe.data import load_dataset
+    from memsafe.runs import load_run_config, run_heldout_loss, train_run
+
+    runs = {steps: train_run(config_from_dict(tiny_config_dict(tmp_path / f"run{steps}", train={"max_steps": steps})),
+                             progress=False) for steps in (2, 150)}
+    _, holdout = load_dataset(load_run_config(runs[150]).data)
+    early, late = (run_heldout_loss(runs[steps], holdout) for steps in (2, 150))
+    assert late.shape == (len(holdout),) and late.mean() < 0.8 * early.mean()

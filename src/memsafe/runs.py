@@ -220,16 +220,25 @@ def run_prompt_sampler(run_dir: Path, seed: int, last_token_offset: torch.Tensor
 
 
 def run_heldout_loss(run_dir: Path, images: ImageSet) -> torch.Tensor:
-    """Per-image held-out denoising loss of a finished text run (metrics/heldout.py) on captioned `images`."""
+    """Per-image held-out denoising loss of a finished run (metrics/heldout.py) on `images`, in the space its
+    UNet denoises (VAE latents for a pipeline run), under their captions in a text run."""
     from memsafe.metrics.heldout import heldout_denoising_loss
-    from memsafe.models.text import TextEncoder
 
     config = load_run_config(run_dir)
-    if config.model.conditioning != "text" or not images.captions:
-        raise MemsafeError(f"held-out loss needs a text run and captioned images (run {run_dir})")
-    encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+    encoder = caption_encoder(config)
+    if encoder is not None and not images.captions:
+        raise MemsafeError(f"held-out loss of a text run needs captioned images (run {run_dir})")
     return heldout_denoising_loss(load_run_unet(run_dir, config), build_noise_scheduler(config.model), encoder,
-                                  images.as_model_input(), images.captions)
+                                  model_space(config)(images), images.captions if encoder else None)
+
+
+def caption_encoder(config: RunConfig):
+    """The run's frozen text encoder, or None for an unconditional run."""
+    if config.model.conditioning != "text":
+        return None
+    from memsafe.models.text import TextEncoder
+
+    return TextEncoder(config.model.text_encoder, config.model.max_text_length)
 
 
 def model_space(config: RunConfig) -> Callable[[ImageSet], torch.Tensor]:
@@ -254,11 +263,7 @@ def run_membership(run_dir: Path, config: RunConfig, train_set: ImageSet, holdou
     unet = load_run_unet(run_dir, config)
     noise_scheduler = build_noise_scheduler(config.model)
     to_model = model_space(config)
-    encoder = None
-    if config.model.conditioning == "text":
-        from memsafe.models.text import TextEncoder
-
-        encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+    encoder = caption_encoder(config)
 
     def losses(images: ImageSet) -> torch.Tensor:
         hidden = encoder.encode_unique(images.captions) if encoder is not None else None
@@ -359,6 +364,8 @@ def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluati
     save_image_grid(samples[:64], run_dir / "samples.png", title=f"{config.defense.name}: samples")
     evaluation.metrics |= measure_concept_if_known(run_dir, config, progress)
     evaluation.metrics |= run_membership(run_dir, config, train_set, holdout)
+    if len(holdout) and (config.model.conditioning != "text" or holdout.captions):
+        evaluation.metrics["heldout_loss"] = run_heldout_loss(run_dir, holdout).mean().item()
     defenses = selected(config.defense.names)
     for defense in defenses:
         if defense.evaluate is not None:

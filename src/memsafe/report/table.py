@@ -9,6 +9,7 @@ HEADLINE = [
     ("sim_95pc", "copy similarity (cosine), 95th pct"),
     ("train_sim_95pc", "train-vs-train cosine, 95th pct"),
     ("fid", "FID"),
+    ("heldout_loss", "held-out denoising loss"),
 ]
 
 
@@ -51,5 +52,6 @@ COMPARISON = [
     ("memorized_fraction", "memorized (NN ratio < 1/3)"),
     ("copy_fraction", "copies (calibrated score > 0.5)"),
     ("fid", "FID (domain)"),
+    ("heldout_loss", "held-out loss"),
     ("train_seconds", "training wall s"),
 ]
