@@ -53,10 +53,19 @@ from memsafe.train.checkpoint import latest_checkpoint, read_state  # noqa: E402
 # (a quarter of the budget: what proxy averaging amounts to at this budget), and on deduplicated data (every
 # distinct emoji once, same steps; measured against the full training set like every other variant).
 VARIANTS = {"plain": IET_VARIANTS["plain"], "plain_early_stop": IET_VARIANTS["plain"],
-            "plain_dedup": IET_VARIANTS["plain"]} | IET_VARIANTS
-# IET-AGC+ that judges a draw by how much its caption lowers its loss (`agc_signal: caption_gain`) instead
-# of by the loss, at plain's learning speed (one shard), on single draws (docs/research/iet-agc.md)
-VARIANTS["iet_agc_plus_caption"] = IET_VARIANTS["iet_agc_plus"] | {
+            "plain_dedup": IET_VARIANTS["plain"]}
+# IET, IET + AGC, ... under the loss rule on 4 shards (bench/iet.py's variants); IET-AGC+ so was the default
+# until 2026-12-06, then named iet_agc_plus
+VARIANTS |= {("iet_agc_plus_loss" if name == "iet_agc_plus" else name): value
+             for name, value in IET_VARIANTS.items() if name != "plain"}
+# IET-AGC+ as memsafe configures it for a text-conditional model (profile "caption", since 2026-12-06), with
+# the local steps of every IET variant here: the caption rule below, read at t = 200-500 (its runs were named
+# iet_agc_plus_caption_lowmid until then)
+VARIANTS["iet_agc_plus"] = {"defense.name": "iet_agc", "defense.iet_agc.local_steps": IET["defense.iet_agc.local_steps"]}
+# The steps to it. IET-AGC+ that judges a draw by how much its caption lowers its loss (`agc_signal:
+# caption_gain`) instead of by the loss, at plain's learning speed (one shard), on single draws
+# (docs/research/iet-agc.md)
+VARIANTS["iet_agc_plus_caption"] = VARIANTS["iet_agc_plus_loss"] | {
     "defense.iet_agc.shards": 1, "defense.iet_agc.agc_signal": "caption_gain", "defense.iet_agc.agc_ratio": 1.02,
     "defense.iet_agc.agc_smoothing": 0.0}
 # ... reading the gain only at the noise levels where it separates the duplicates (one-draw AUC > 0.8 at
@@ -69,8 +78,7 @@ VARIANTS["iet_agc_plus_caption_mid_half"] = VARIANTS["iet_agc_plus_caption_mid"]
 # ... read at t = 500-800 only, where one draw of the gain separated the duplicates best (AUC 0.87-0.99)
 VARIANTS["iet_agc_plus_caption_late_half"] = VARIANTS["iet_agc_plus_caption_mid_half"] | {
     "defense.iet_agc.agc_timesteps": [500, 800]}
-# ... read at t = 200-500 only (the late band above held the duplicates back far less)
-VARIANTS["iet_agc_plus_caption_lowmid"] = VARIANTS["iet_agc_plus_caption"] | {"defense.iet_agc.agc_timesteps": [200, 500]}
+# ... read at t = 200-500 only (the late band above held the duplicates back far less): iet_agc_plus above
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

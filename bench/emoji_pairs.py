@@ -1,9 +1,9 @@
 """Wall time, FID and held-out loss of a defended emoji run over a plain run of the same seed that ran beside
 it (started together, one thread each): ratios measured side by side, from the two runs' --out files. The file
 holds one entry per defended variant (its pairs, the command and commit that wrote them); the other variants'
-entries are kept.
+entries are kept, and with --keep the variant's pairs of other seeds too.
 
-    python bench/emoji_pairs.py iet_agc_plus_caption_mid --pair PLAIN.json DEFENDED.json "conditions" [--pair ...]
+    python bench/emoji_pairs.py iet_agc_plus --pair PLAIN.json DEFENDED.json "conditions" [--pair ...] [--keep]
 """
 
 from __future__ import annotations
@@ -31,12 +31,17 @@ def main() -> None:
     parser.add_argument("variant")
     parser.add_argument("--pair", nargs=3, action="append", required=True, metavar=("PLAIN", "DEFENDED", "CONDITIONS"))
     parser.add_argument("--out", type=Path, default=RESULTS / "emoji_pairs.json")
+    parser.add_argument("--keep", action="store_true", help="keep the variant's recorded pairs of the seeds not given")
     args = parser.parse_args()
     pairs = [pair(args.variant, Path(p), Path(d), c) for p, d, c in args.pair]
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     if "variant" in previous:  # the layout of one variant per file, before 2026-12-06
         previous = {previous["variant"]: {key: previous[key] for key in ("pairs", *METADATA) if key in previous}}
     entries = {name: value for name, value in previous.items() if name not in METADATA}
+    if args.keep and args.variant in entries:
+        given = {p["seed"] for p in pairs}
+        pairs = sorted([p for p in entries[args.variant]["pairs"] if p["seed"] not in given] + pairs,
+                       key=lambda p: p["seed"])
     stamp = provenance()
     entries[args.variant] = {"pairs": pairs} | {key: stamp[key] for key in ("command", "git_commit", "uncommitted_changes")}
     write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous})

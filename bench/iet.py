@@ -19,7 +19,10 @@ from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
 from results_io import RESULTS, add_run, previous_runs, same_seed_change, seed_summary, write_results
 
-IET = {"defense.name": "iet_agc", "defense.iet_agc.shards": 4, "defense.iet_agc.local_steps": 25}
+# The loss rule (profile "loss", what "auto" picks for these unconditional digits), pinned so that the emoji
+# benchmark's text model runs the same rule under these names
+IET = {"defense.name": "iet_agc", "defense.iet_agc.profile": "loss", "defense.iet_agc.shards": 4,
+       "defense.iet_agc.local_steps": 25}
 REFERENCE_RULE = {"defense.iet_agc.agc_smoothing": 0.0}  # AGC on one draw, as the public reference code
 VARIANTS = {
     "plain": {"defense.name": "none"},

@@ -196,7 +196,8 @@ def _section_class(parents: list[str]) -> type | None:
 
 def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     """A new config with dotted-key overrides applied, e.g. {"train.max_steps": 10}. A `profile` set here
-    (a section whose class has PROFILES) fills again the keys it controls that these overrides leave unset."""
+    (a section whose class has PROFILES) fills again the keys any of its profiles controls that these
+    overrides leave unset."""
     values = config.to_dict()
     for dotted, value in overrides.items():
         node = values
@@ -205,9 +206,9 @@ def merge(config: RunConfig, overrides: dict[str, Any]) -> RunConfig:
             node = node.setdefault(key, {})
         node[leaf] = value
         profiles = getattr(_section_class(parents), "PROFILES", {})
-        if leaf == "profile" and value in profiles:
+        if leaf == "profile" and profiles:
             prefix = ".".join(parents)
-            for key in profiles[value]:
+            for key in {key for settings in profiles.values() for key in settings}:
                 if f"{prefix}.{key}" not in overrides:
                     node.pop(key, None)
     return config_from_dict(values)

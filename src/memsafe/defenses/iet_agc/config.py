@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from memsafe.errors import MemsafeError
 
@@ -16,24 +16,41 @@ DEFAULT_ROUNDS = 10  # the reference code's total_round on CIFAR-10
 # ten shards returned pure noise (domain FID 100x plain) that still read "0 % memorized".
 MIN_ROUNDS = 5
 
+# Named starting points: a profile fills the keys a config leaves unset, a key set in the config wins. "auto"
+# is "caption" for a text-conditional model and "loss" otherwise. "loss" is the rule the digits benchmark
+# supports, "caption" the one the emoji benchmark supports (judged by the caption's gain at mid noise, on one
+# shard: at that budget proxy averaging cost +35 % FID; docs/research/iet-agc.md), "reference" the public
+# reference code's rule (AGC on one draw of the loss).
+PROFILES = {
+    "loss": {"shards": 4, "agc_signal": "loss", "agc_smoothing": 0.8},
+    "caption": {"shards": 1, "agc_signal": "caption_gain", "agc_ratio": 1.02, "agc_smoothing": 0.0,
+                "agc_timesteps": [200, 500]},
+    "reference": {"shards": 4, "agc_signal": "loss", "agc_smoothing": 0.0},
+}
+
 
 @dataclass
 class IETConfig:
-    """IET-AGC+ (sample-level defense); every component can be switched off for ablation."""
+    """IET-AGC+ (sample-level defense); every component can be switched off for ablation. The keys left None
+    are filled by `profile` when the run config is checked (`resolve_profile`)."""
 
-    shards: int = 4  # K proxies
+    profile: str = "auto"  # auto, loss, caption or reference (PROFILES)
+    shards: int | None = None  # K proxies
     # The schedule: set at most one of rounds and local_steps; the other follows from train.max_steps (the
     # optimizer steps of all proxies together). Neither set: 10 rounds.
     rounds: int | None = None
     local_steps: int | None = None  # optimizer steps per proxy per round
     agc: bool = True  # skip samples with loss < bank[t] / agc_ratio
-    agc_ratio: float | None = None  # the AGC ratio (lambda in the IET-AGC paper); None: 2.0 from scratch, 1.25 when fine-tuning
+    # The AGC ratio (lambda in the IET-AGC paper); left None by the loss rules: 2.0 from scratch, 1.25 when
+    # fine-tuning (the reference code's)
+    agc_ratio: float | None = None
     bank_decay: float = 0.8  # EMA of the per-timestep loss bank
     # What AGC compares with its per-timestep bank: "loss" (the reference code), or "caption_gain", the loss
     # over the same draw's loss with the empty caption (text-conditional models; one more forward pass, no
     # gradient, per batch). The gain sits near 1, so its lambda sits near 1 too (1.02-1.05; lower is stricter).
-    agc_signal: str = "loss"
-    # [low, high): the timesteps at which AGC reads its signal (None: all). A draw elsewhere is judged on its
+    agc_signal: str | None = None
+    # [low, high): the timesteps at which AGC reads its signal (None after the profile: all; [0, 1000] says
+    # all under the caption profile). A draw elsewhere is judged on its
     # sample's earlier reading and, when that skips it, leaves the batch before the forward pass. The caption
     # gain separates the duplicates at mid noise and reads about 1 for every image elsewhere; reading it at
     # fewer timesteps also saves its extra forward pass there.
@@ -44,8 +61,8 @@ class IETConfig:
     agc_read_share: float = 1.0
     # Skip (and augment) on a sample's relative loss averaged over its visits, this weight on the past. 0 is
     # the reference code's single draw, which cost +74 % FID on the digits where 0.8 gained 31 %
-    # (docs/research/iet-agc.md).
-    agc_smoothing: float = 0.8
+    # (docs/research/iet-agc.md); the caption gain is read on single draws.
+    agc_smoothing: float | None = None
     # The outer step (DiLoCo's outer Nesterov optimizer): the round's averaged change is a pseudo-gradient
     # stepped with this learning rate and momentum. 1.0 and 0.0: the global model is the proxies' plain mean.
     outer_learning_rate: float = 1.0
@@ -58,6 +75,18 @@ class IETConfig:
     # demo digits a 2-pixel shift doubled FID, sub-pixel shifts did not (docs/research/iet-agc.md).
     augment_max_shift: float = 0.03
     augment_max_jitter: float = 0.05
+    PROFILES: ClassVar[dict[str, dict]] = PROFILES
+
+
+def resolve_profile(iet: IETConfig, text_conditional: bool) -> None:
+    """Fills the keys `iet` leaves unset from its profile ("auto" becomes the one it picks for the model)."""
+    if iet.profile == "auto":
+        iet.profile = "caption" if text_conditional else "loss"
+    if iet.profile not in PROFILES:
+        raise MemsafeError(f"defense.iet_agc.profile must be auto or one of {', '.join(PROFILES)}, got {iet.profile!r}")
+    for key, value in PROFILES[iet.profile].items():
+        if getattr(iet, key) is None:
+            setattr(iet, key, list(value) if isinstance(value, list) else value)
 
 
 @dataclass(frozen=True)
@@ -80,6 +109,7 @@ def validate(config: RunConfig) -> None:
 
     iet, train = config.defense.iet_agc, config.train
     where = "defense.iet_agc"
+    resolve_profile(iet, config.model.conditioning == "text")
     if iet.shards < 1:
         raise MemsafeError(f"{where}.shards must be at least 1, got {iet.shards}")
     if iet.rounds is not None and iet.local_steps is not None:
