@@ -53,7 +53,8 @@ def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict
 
 def markdown(results: dict) -> str:
     """Seed means ± spreads; a change over plain is the mean over seeds of each run against plain's run of the
-    same seed (the variants of one seed run one after the other, so machine drift hits them alike)."""
+    same seed (the variants of one seed run one after the other, so machine drift hits them alike), for the
+    wall time only against plain runs of the same invocation."""
     plain_runs = results["plain"]["runs"] if "plain" in results else []
     lines = [
         "| variant | memorized (NN ratio < 1/3) | copy fraction | FID (domain) | FID vs plain | held-out loss "
@@ -65,7 +66,8 @@ def markdown(results: dict) -> str:
         return f"{r[key]:.{digits}f} ± {r[key + '_std']:.{digits}f}" if key in r else "-"
 
     for name, r in results.items():
-        change = {key: same_seed_change(r["runs"], plain_runs, key) for key in ("fid", "heldout_loss", "wall_s")}
+        change = {key: same_seed_change(r["runs"], plain_runs, key, together=key == "wall_s")
+                  for key in ("fid", "heldout_loss", "wall_s")}
         lines.append(
             f"| {name} | {cell(r, 'memorized_fraction', 3)} | {cell(r, 'copy_fraction', 3)} | {cell(r, 'fid', 3)} "
             f"| {change['fid']} | {cell(r, 'heldout_loss', 4)} | {change['heldout_loss']} | {cell(r, 'mia_auc', 3)} "

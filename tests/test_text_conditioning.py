@@ -101,3 +101,28 @@ def test_heldout_loss_falls_with_training_and_is_the_same_whatever_the_batching(
     assert not torch.allclose(losses(0, 256), losses(1, 256))
     with pytest.raises(ValueError, match="as many captions"):
         heldout_denoising_loss(unet, scheduler, encoder, images, holdout.captions[:-1])
+
+
+def test_copies_are_read_at_every_attack_guidance_scale_and_the_worst_is_reported(tmp_path):
+    from memsafe.config import config_from_dict
+    from memsafe.metrics.evaluate import copy_readings
+    from memsafe.runs import evaluate_run, load_run_config, train_run
+
+    run = train_run(config_from_dict(tiny_config_dict(
+        tmp_path / "run", model=TEXT, train={"max_steps": 60},
+        eval={"guidance_scale": 2.0, "attack_guidance_scales": [6.0, 1.0]})), progress=False)
+    evaluation = evaluate_run(run, progress=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    by_scale = metrics["guidance_copies"]
+    assert list(by_scale) == ["1", "2", "6"]  # the evaluation's own scale joins the attack's
+    for key in ("memorized_fraction", "copy_fraction"):
+        assert by_scale["2"][key] == metrics[key]
+        worst = max(by_scale, key=lambda scale: by_scale[scale][key])
+        assert metrics[f"{key}_worst"] == by_scale[worst][key] >= metrics[key]
+        assert metrics[f"{key}_worst_guidance"] == float(worst)
+    # The readings at other scales are taken the way the evaluation's own are.
+    config = load_run_config(run)
+    train_set, holdout = load_dataset(config.data)
+    again = copy_readings(evaluation.samples, train_set, holdout, config.eval, evaluation.feature_net)
+    assert again == {key: metrics[key] for key in again}
+    assert "at the guidance scale that copies most of 1, 2, 6" in (run / "report.md").read_text()

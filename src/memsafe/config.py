@@ -87,6 +87,10 @@ class EvalConfig:
     sampling_steps: int = 50  # DDIM steps
     batch_size: int = 128
     guidance_scale: float = 1.0  # classifier-free guidance for text runs (1 = none)
+    # Text runs: copies are read again at each of these guidance scales, and the highest reading is reported
+    # with its scale: whoever extracts training images picks the scale that copies most, and a defense can
+    # move a model's copies from one scale to another (docs/metrics.md). Empty: the one scale only.
+    attack_guidance_scales: list[float] = field(default_factory=lambda: [1.0, 3.0, 5.0, 7.5])
     use_ema: bool = True  # evaluate the EMA weights when the run kept them
     memorization_threshold: float = 1 / 3  # NN1/NN2 distance ratio below which a sample is a copy
     copy_threshold: float = 0.5  # cosine similarity above which a sample is a copy

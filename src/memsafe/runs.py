@@ -8,6 +8,7 @@ A run directory holds `config.yaml` (resolved), `status.json`, `log.jsonl`, `che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -363,6 +364,7 @@ def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluati
     )
     save_image_grid(samples[:64], run_dir / "samples.png", title=f"{config.defense.name}: samples")
     evaluation.metrics |= measure_concept_if_known(run_dir, config, progress)
+    evaluation.metrics |= guidance_attack(run_dir, config, prompts, train_set, holdout, evaluation, progress)
     evaluation.metrics |= run_membership(run_dir, config, train_set, holdout)
     if len(holdout) and (config.model.conditioning != "text" or holdout.captions):
         evaluation.metrics["heldout_loss"] = run_heldout_loss(run_dir, holdout).mean().item()
@@ -377,6 +379,30 @@ def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluati
     write_json(run_dir / "metrics.json", evaluation.metrics)
     write_run_report(run_dir, evaluation.metrics, log_rows, [d.report for d in defenses if d.report is not None])
     return evaluation
+
+
+def guidance_attack(run_dir: Path, config: RunConfig, prompts: list[str] | None, train_set: ImageSet,
+                    holdout: ImageSet, evaluation: Evaluation, progress: bool) -> dict[str, Any]:
+    """A text run's copies (metrics.evaluate.COPY_READINGS) on the same prompts and seed at each of
+    `eval.attack_guidance_scales` (at `eval.guidance_scale`, those of the evaluation's samples), and the highest
+    of each reading with its scale (`<reading>_worst`, `<reading>_worst_guidance`)."""
+    from memsafe.metrics.evaluate import COPY_READINGS, copy_readings
+
+    scales = config.eval.attack_guidance_scales
+    if config.model.conditioning != "text" or not scales:
+        return {}
+    unet = load_run_unet(run_dir, config)
+    own = config.eval.guidance_scale
+    by_scale = {own: {key: evaluation.metrics[key] for key in COPY_READINGS if key in evaluation.metrics}}
+    for scale in sorted(set(scales) - {own}):
+        at_scale = dataclasses.replace(config, eval=dataclasses.replace(config.eval, guidance_scale=scale))
+        samples = prompt_sampler(unet, at_scale, config.eval.seed, progress)(prompts)
+        by_scale[scale] = copy_readings(samples, train_set, holdout, config.eval, evaluation.feature_net)
+    found: dict[str, Any] = {"guidance_copies": {f"{scale:g}": by_scale[scale] for scale in sorted(by_scale)}}
+    for key in by_scale[own]:
+        worst = max(sorted(by_scale), key=lambda scale: by_scale[scale][key])
+        found[f"{key}_worst"], found[f"{key}_worst_guidance"] = by_scale[worst][key], worst
+    return found
 
 
 def measure_concept_if_known(run_dir: Path, config: RunConfig, progress: bool) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -27,6 +28,7 @@ class Evaluation:
     samples: torch.Tensor  # model range
     neighbours: Neighbours  # pixel-space neighbours in the training set
     ratios: torch.Tensor  # NN1 / NN2 distance ratio per sample
+    feature_net: Any = None  # the copy features the samples were measured in
 
 
 def feature_network(config: EvalConfig, real_images: ImageSet, progress: bool = True):
@@ -90,7 +92,24 @@ def evaluate_samples(
     else:
         metrics["fid"] = fid_with_features(reference, samples, feature_net)
         metrics["fid_features"] = config.features
-    return Evaluation(metrics=metrics, samples=samples, neighbours=neighbours, ratios=ratios)
+    return Evaluation(metrics=metrics, samples=samples, neighbours=neighbours, ratios=ratios, feature_net=feature_net)
+
+
+# The readings of copies that `copy_readings` takes again on other samples of the same model.
+COPY_READINGS = ("memorized_fraction", "copy_fraction", "copy_rate_sscd")
+
+
+def copy_readings(samples: torch.Tensor, train_set: ImageSet, holdout: ImageSet, config: EvalConfig,
+                  feature_net: torch.nn.Module) -> dict:
+    """COPY_READINGS of `samples` (SSCD's when `eval.sscd` measures it), in the copy features an evaluation
+    of the same model used: e.g. its samples at another guidance scale."""
+    train_images = train_set.as_model_input()
+    ratios = distance_ratio(distinct_nearest_neighbours(samples, train_images, k=50))
+    similarity, _ = top1_similarity(_embed(feature_net, samples), _embed(feature_net, train_images))
+    found = {"memorized_fraction": memorized_fraction(ratios, config.memorization_threshold)}
+    found |= copy_statistics(similarity, config.copy_threshold, calibrate=getattr(feature_net, "calibrate", None))
+    found |= sscd_metrics(samples, train_set, holdout, config)
+    return {key: found[key] for key in COPY_READINGS if key in found}
 
 
 def sscd_metrics(samples: torch.Tensor, train_set: ImageSet, holdout: ImageSet, config: EvalConfig) -> dict:

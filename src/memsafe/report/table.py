@@ -10,6 +10,9 @@ HEADLINE = [
     ("train_sim_95pc", "train-vs-train cosine, 95th pct"),
     ("fid", "FID"),
     ("heldout_loss", "held-out denoising loss"),
+    ("memorized_fraction_worst", "memorized, at the guidance scale that copies most"),
+    ("copy_fraction_worst", "copy-similarity > threshold, at the guidance scale that copies most"),
+    ("copy_rate_sscd_worst", "SSCD > 0.5, at the guidance scale that copies most"),
 ]
 
 
@@ -45,7 +48,20 @@ def reading(metrics: dict) -> str:
         f"second-nearest training image distance < {metrics['memorization_threshold']:.3f}); copies "
         f"{metrics['copy_fraction']:.1%} ({copy_scale(metrics)}); FID {metrics['fid']:.3g} "
         f"({metrics.get('fid_features', 'domain')} features, against the {metrics.get('fid_reference', 'holdout')} images)"
+        + worst_guidance(metrics)
     )
+
+
+def worst_guidance(metrics: dict) -> str:
+    """The copies of a text run at the guidance scale that copies most, SSCD's reading when it was taken."""
+    key = "copy_rate_sscd" if "copy_rate_sscd_worst" in metrics else "copy_fraction"
+    if f"{key}_worst" not in metrics:
+        return ""
+    scales = ", ".join(metrics["guidance_copies"])
+    label = "SSCD > 0.5" if key == "copy_rate_sscd" else "copies"
+    return (f"; at the guidance scale that copies most of {scales}: {label} {metrics[f'{key}_worst']:.1%} "
+            f"(scale {metrics[f'{key}_worst_guidance']:g}), memorized {metrics['memorized_fraction_worst']:.1%} "
+            f"(scale {metrics['memorized_fraction_worst_guidance']:g})")
 
 
 COMPARISON = [
