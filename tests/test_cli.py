@@ -53,6 +53,10 @@ def test_train_evaluate_generate_end_to_end(tmp_path, capsys):
     assert main(["generate", str(run), "--num", "5", "--out", str(tmp_path / "gen"), "--no-progress"]) == 0
     assert sorted(p.name for p in (tmp_path / "gen").iterdir()) == [f"{i:05d}.png" for i in range(5)]
     assert (tmp_path / "gen-grid.png").is_file() and (tmp_path / "gen.npz").is_file()
+    capsys.readouterr()
+    assert main(["generate", str(run), "--guidance-scale", "3", "--out", str(tmp_path / "guided"), "--no-progress"]) == 1
+    assert "is unconditional: it takes no prompts and no guidance scale" in _error_line(capsys)
+    assert not (tmp_path / "guided").exists()
 
 
 def test_train_resumes_from_the_latest_checkpoint(tmp_path):

@@ -59,6 +59,15 @@ def test_text_run_trains_evaluates_and_generates_from_prompts(tmp_path):
                  "--out", str(out), "--no-progress"]) == 0
     assert len(list(out.glob("0*.png"))) == 3
 
+    def generated(scale: str):
+        out = tmp_path / f"gen{scale}"
+        assert main(["generate", str(tmp_path / "run"), "--num", "3", "--prompt", "a handwritten digit one",
+                     "--guidance-scale", scale, "--out", str(out), "--no-progress"]) == 0
+        return torch.from_numpy(__import__("numpy").load(out.with_name(f"{out.name}.npz"))["images"])
+
+    assert torch.equal(generated("2.0"), generated("2"))  # the run's own scale, asked for by name
+    assert not torch.equal(generated("1"), generated("2"))  # the same seed and prompt without guidance
+
 
 def test_text_run_on_a_folder_without_captions_is_refused(tmp_path, capsys):
     from PIL import Image

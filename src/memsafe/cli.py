@@ -80,7 +80,8 @@ def cmd_generate(args) -> None:
     from memsafe.runs import sample_run, write_samples
 
     run_dir = Path(args.run_dir)
-    samples, prompts = sample_run(run_dir, args.num, args.seed, prompts=args.prompt, progress=not args.no_progress)
+    samples, prompts = sample_run(run_dir, args.num, args.seed, prompts=args.prompt, progress=not args.no_progress,
+                                  guidance_scale=args.guidance_scale)
     out = Path(args.out) if args.out else run_dir / "generated"
     archive = write_samples(samples, out, args.seed, prompts)
     grid = out.with_name(f"{out.name}-grid.png")
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder for the images (default: RUN_DIR/generated)")
     p.add_argument("--prompt", action="append", help="prompt for a text run (repeat for several; cycled over --num)")
+    p.add_argument("--guidance-scale", type=float,
+                   help="classifier-free guidance of a text run (default: the run's eval.guidance_scale; 1: none)")
     p.set_defaults(func=cmd_generate)
 
     p = common(sub.add_parser("demo", help="train the built-in digits with and without a defense, then measure both"))

@@ -284,15 +284,20 @@ def draw_prompts(config: RunConfig, num_images: int, seed: int, prompts: list[st
 
 
 def sample_run(
-    run_dir: Path, num_images: int, seed: int, prompts: list[str] | None = None, progress: bool = True
+    run_dir: Path, num_images: int, seed: int, prompts: list[str] | None = None, progress: bool = True,
+    guidance_scale: float | None = None,
 ) -> tuple[torch.Tensor, list[str] | None]:
     """(samples, their prompts) from a finished run; a text run without `prompts` uses training captions
-    drawn with `seed`."""
+    drawn with `seed`, and `guidance_scale` (default the run's eval.guidance_scale)."""
     config = load_run_config(run_dir)
+    if config.model.conditioning != "text" and (prompts or guidance_scale is not None):
+        raise MemsafeError(f"run {run_dir} is unconditional: it takes no prompts and no guidance scale")
+    if guidance_scale is not None:
+        if guidance_scale < 1.0:
+            raise MemsafeError(f"guidance scale must be at least 1 (1: no guidance), got {guidance_scale}")
+        config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, guidance_scale=guidance_scale))
     unet = load_run_unet(run_dir, config)
     if config.model.conditioning != "text":
-        if prompts:
-            raise MemsafeError(f"run {run_dir} is unconditional: it takes no prompts")
         samples = generate(
             unet,
             build_noise_scheduler(config.model),
