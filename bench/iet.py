@@ -34,6 +34,7 @@ VARIANTS = {
 # Every AGC variant again under the reference rule (until 2026-12-05 the default; docs/research/iet-agc.md)
 VARIANTS |= {f"{name}_reference": VARIANTS[name] | REFERENCE_RULE for name in list(VARIANTS) if name.startswith("iet_agc")}
 METRICS = ("memorized_fraction", "copy_fraction", "fid", "heldout_loss", "mia_auc", "mia_tpr_at_1pct_fpr", "wall_s")
+READINGS = METRICS  # what bench/merge_runs.py summarises
 
 
 def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict | None = None) -> dict:
@@ -51,10 +52,10 @@ def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict
             "nn_ratio_median": metrics["nn_ratio_median"], "steps": metrics["train_steps"]}
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict) -> list[str]:
     """Seed means ± spreads; a change over plain is the mean over seeds of each run against plain's run of the
     same seed (the variants of one seed run one after the other, so machine drift hits them alike), for the
-    wall time only against plain runs of the same invocation."""
+    wall time only against plain runs of the same commit (run one after the other, or side by side)."""
     plain_runs = results["plain"]["runs"] if "plain" in results else []
     lines = [
         "| variant | memorized (NN ratio < 1/3) | copy fraction | FID (domain) | FID vs plain | held-out loss "
@@ -73,7 +74,7 @@ def markdown(results: dict) -> str:
             f"| {change['fid']} | {cell(r, 'heldout_loss', 4)} | {change['heldout_loss']} | {cell(r, 'mia_auc', 3)} "
             f"| {cell(r, 'wall_s', 0)} | {change['wall_s']} |"
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
@@ -104,8 +105,8 @@ def main() -> None:
                 print(json.dumps({"variant": name, **record}), flush=True)
                 order = [n for n in VARIANTS if n in runs]
                 results = {n: seed_summary(runs[n], METRICS) for n in order}
-                write_results(out, results | history, [markdown(results).rstrip()], echo=False)
-    print(markdown(results))
+                write_results(out, results | history, markdown(results), echo=False)
+    print("\n".join(markdown(results)))
 
 
 if __name__ == "__main__":

@@ -78,10 +78,10 @@ def seed_summary(runs: list[dict], keys) -> dict:
 
 def same_seed_change(runs: list[dict], plain_runs: list[dict], key: str, together: bool = False) -> str:
     """The mean change of `key` over plain's run of the same seed (seeds plain lacks are left out); with
-    `together`, only over plain runs of the same invocation (command and commit): for wall times, which other
-    sessions measured on a machine of another speed."""
+    `together`, only over plain runs of the same commit: for wall times, which other sessions measured on a
+    machine of another speed."""
     def invocation(run: dict) -> tuple:
-        return (run.get("command"), run.get("git_commit")) if together else ()
+        return (run.get("git_commit"),) if together else ()
 
     plain = {(r["seed"], invocation(r)): r[key] for r in plain_runs if key in r}
     ratios = [r[key] / plain[found] for r in runs if key in r and (found := (r["seed"], invocation(r))) in plain]
