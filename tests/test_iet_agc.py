@@ -169,6 +169,7 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
         ({"name": "iet_agc", "iet_agc": {"agc_signal": "caption_gain"}}, "caption_gain needs a text-conditional model"),
         ({"name": "iet_agc", "iet_agc": {"agc_timesteps": [500, 200]}}, "agc_timesteps must be [low, high)"),
         ({"name": "iet_agc", "iet_agc": {"shards": 2}, "max_steps": 10}, "all within train.warmup_steps 5"),
+        ({"name": "iet_agc", "iet_agc": {"profile": "strict"}}, "profile must be auto or one of loss, caption, reference"),
     ],
 )
 def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message):
@@ -404,3 +405,25 @@ def test_the_loops_kept_fraction_counts_the_draws_a_hook_dropped_before_the_forw
     odd = sum(i % 2 for i in trainer.batches.batch(trainer.batch_position).tolist())
     assert 0 < odd < tiny_config.train.batch_size
     assert trainer.train_step()["kept_fraction"] == pytest.approx(odd / tiny_config.train.batch_size)
+
+
+def test_the_profile_fills_what_the_config_leaves_unset_by_the_kind_of_model(tiny_config):
+    from memsafe.defenses.iet_agc.config import PROFILES
+
+    def settings(config):
+        iet = config.defense.iet_agc
+        return iet.profile, {key: getattr(iet, key) for key in ("shards", "agc_signal", "agc_ratio", "agc_smoothing",
+                                                                 "agc_timesteps")}
+
+    unconditional = merge(tiny_config, {"defense.name": "iet_agc"})
+    assert settings(unconditional) == ("loss", {"shards": 4, "agc_signal": "loss", "agc_ratio": None,
+                                                "agc_smoothing": 0.8, "agc_timesteps": None})
+    assert agc_ratio(unconditional) == 2.0  # the loss rule's ratio still follows the reference code
+    text = merge(tiny_config, {"defense.name": "iet_agc", "model.conditioning": "text"})
+    assert settings(text) == ("caption", PROFILES["caption"])
+    # A key the config sets wins over the profile, and a profile named again fills every key it left.
+    assert merge(text, {"defense.iet_agc.shards": 2}).defense.iet_agc.shards == 2
+    assert settings(merge(text, {"defense.iet_agc.profile": "reference"})) == (
+        "reference", {"shards": 4, "agc_signal": "loss", "agc_ratio": None, "agc_smoothing": 0.0, "agc_timesteps": None})
+    # The resolved settings are what a run records: loading them again changes nothing.
+    assert settings(merge(text, {})) == settings(text)
