@@ -10,6 +10,10 @@
 - AGC+ augmentation (augment.py): a sample's augmentation strength rises from 0 (loss at or above the bank's
   running mean) to 1 (loss at the skipping threshold), from the relative loss seen at its last visit.
 
+Profiles (config.py) fill the settings a config leaves unset: `loss` (4 shards, AGC on the loss averaged over
+a sample's visits) for unconditional models, `caption` (one shard, AGC on the caption's gain at mid noise) for
+text-conditional ones, `reference` (the reference code's rule) on request.
+
 Differences from the reference, by design: a batch whose samples are all skipped makes no update (the
 reference still steps Adam on a zero loss, so momentum keeps moving the weights); per-sample skip counts
 are recorded (commented out in the reference).
