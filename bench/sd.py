@@ -41,7 +41,8 @@ VARIANTS = {
     "full": ({}, None),
     "lora": (LORA, None),
     "gradient_projection_lora": (LORA | {"defense": PROJECTION}, "lora"),
-    "iet_agc_lora": (LORA | {"defense": {"name": "iet_agc"}}, "lora"),
+    # K = 4 LoRA proxies (the loss profile; `auto` would pick the caption profile's one shard for this text model)
+    "iet_agc_lora": (LORA | {"defense": {"name": "iet_agc", "iet_agc": {"profile": "loss"}}}, "lora"),
 }
 TARGETS = {
     # 32 px through the tiny VAE gives 8x8 latents. The tiny pipeline's 32-d CLIP has no text direction left
