@@ -185,11 +185,11 @@ class Probe:
 
     def at_scale(self, unet, config, scale: float) -> dict:
         """Copies of the duplicated prompts and FID of the held-out ones, sampled at guidance `scale`."""
-        sample = prompt_sampler(unet, merge(config, {"eval.guidance_scale": scale}), seed=config.eval.seed)
-        embedded = self.detector.embed(to_uint8(sample(self.prompts["dup"])))
+        sample = prompt_sampler(unet, config, seed=config.eval.seed)
+        embedded = self.detector.embed(to_uint8(sample(self.prompts["dup"], scale)))
         found, _ = sscd.replication_statistics(embedded, self.references, self.holdout_references)
         return {"dup_extracted_sscd": self.drawn(embedded, "dup"), "dup_copy_rate_sscd": found["copy_rate_sscd"],
-                "fid": self.fid(sample(self.prompts["holdout"]))}
+                "fid": self.fid(sample(self.prompts["holdout"], scale))}
 
 
 GRID_READINGS = ("dup_extracted_sscd", "dup_copy_rate_sscd", "fid")

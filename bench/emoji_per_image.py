@@ -17,7 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from emoji import Probe, duplicated_flags  # noqa: E402
 
-from memsafe.config import merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
 from memsafe.data.images import to_uint8  # noqa: E402
 from memsafe.metrics.copy_detection import own_image_nearest  # noqa: E402
@@ -29,11 +28,10 @@ def drawn_per_caption(run: Path, scale: float, samples: int) -> dict[str, str]:
     seed = int(run.name.rsplit("-", 1)[1])
     train_set, holdout = load_dataset(config.data)
     probe = Probe(config, train_set, holdout, duplicated_flags(Path(config.data.source), train_set.names), samples, seed)
-    sample = prompt_sampler(load_run_unet(run, config), merge(config, {"eval.guidance_scale": scale}),
-                            seed=config.eval.seed)
+    sample = prompt_sampler(load_run_unet(run, config), config, seed=config.eval.seed)
     prompts = probe.prompts["dup"]
     rows = probe.rows["dup"]
-    embedded = probe.detector.embed(to_uint8(sample(prompts)))
+    embedded = probe.detector.embed(to_uint8(sample(prompts, scale)))
     own = own_image_nearest(embedded, probe.references[rows], probe.references, own_index=rows)
     by_caption = collections.defaultdict(list)
     for prompt, found in zip(prompts, own.tolist()):

@@ -8,7 +8,6 @@ A run directory holds `config.yaml` (resolved), `status.json`, `log.jsonl`, `che
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -173,8 +172,9 @@ def load_run_unet(run_dir: Path, config: RunConfig) -> torch.nn.Module:
 
 def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress: bool = False,
                    last_token_offset: torch.Tensor | None = None):
-    """A function from prompts to one model-range image each, sampled from the text-conditional `unet` with
-    the run's text encoder, sampler and guidance; the encoder is loaded once for every call.
+    """A function from prompts (and a guidance scale, default the run's eval.guidance_scale) to one model-range
+    image each, sampled from the text-conditional `unet` with the run's text encoder and sampler; the encoder
+    is loaded once for every call.
     `last_token_offset` (d,) is added to every prompt's last token embedding (e.g. a gradient-projection sink,
     to measure what the weights hold behind it)."""
     from memsafe.models.text import TextEncoder
@@ -194,7 +194,7 @@ def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress
             states[:, -1] += last_token_offset.to(states)
         return states
 
-    def sample(prompts: list[str]) -> torch.Tensor:
+    def sample(prompts: list[str], guidance_scale: float | None = None) -> torch.Tensor:
         samples = generate(
             unet,
             noise_scheduler,
@@ -205,7 +205,7 @@ def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress
             progress=progress,
             encoder_hidden_states=embed(prompts),
             uncond_hidden_states=uncond,
-            guidance_scale=config.eval.guidance_scale,
+            guidance_scale=config.eval.guidance_scale if guidance_scale is None else guidance_scale,
             size=None if codec is None else config.data.resolution // codec.factor,
             clamp=codec is None,
         )
@@ -295,7 +295,6 @@ def sample_run(
     if guidance_scale is not None:
         if guidance_scale < 1.0:
             raise MemsafeError(f"guidance scale must be at least 1 (1: no guidance), got {guidance_scale}")
-        config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, guidance_scale=guidance_scale))
     unet = load_run_unet(run_dir, config)
     if config.model.conditioning != "text":
         samples = generate(
@@ -309,7 +308,7 @@ def sample_run(
         )
         return samples, None
     prompts = draw_prompts(config, num_images, seed, prompts)
-    return prompt_sampler(unet, config, seed, progress)(prompts), prompts
+    return prompt_sampler(unet, config, seed, progress)(prompts, guidance_scale), prompts
 
 
 def write_samples(samples: torch.Tensor, folder: Path, seed: int, prompts: list[str] | None = None) -> Path:
@@ -396,13 +395,11 @@ def guidance_attack(run_dir: Path, config: RunConfig, prompts: list[str] | None,
     scales = config.eval.attack_guidance_scales
     if config.model.conditioning != "text" or not scales:
         return {}
-    unet = load_run_unet(run_dir, config)
+    sample = prompt_sampler(load_run_unet(run_dir, config), config, config.eval.seed, progress)
     own = config.eval.guidance_scale
     by_scale = {own: {key: evaluation.metrics[key] for key in COPY_READINGS if key in evaluation.metrics}}
     for scale in sorted(set(scales) - {own}):
-        at_scale = dataclasses.replace(config, eval=dataclasses.replace(config.eval, guidance_scale=scale))
-        samples = prompt_sampler(unet, at_scale, config.eval.seed, progress)(prompts)
-        by_scale[scale] = copy_readings(samples, train_set, holdout, config.eval, evaluation.feature_net)
+        by_scale[scale] = copy_readings(sample(prompts, scale), train_set, holdout, config.eval, evaluation.feature_net)
     found: dict[str, Any] = {"guidance_copies": {f"{scale:g}": by_scale[scale] for scale in sorted(by_scale)}}
     for key in by_scale[own]:
         worst = max(sorted(by_scale), key=lambda scale: by_scale[scale][key])
