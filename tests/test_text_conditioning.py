@@ -132,6 +132,6 @@ def test_copies_are_read_at_every_attack_guidance_scale_and_the_worst_is_reporte
     # The readings at other scales are taken the way the evaluation's own are.
     config = load_run_config(run)
     train_set, holdout = load_dataset(config.data)
-    again = copy_readings(evaluation.samples, train_set, holdout, config.eval, evaluation.feature_net)
+    again = copy_readings(evaluation.samples, evaluation, train_set, holdout, config.eval)
     assert again == {key: metrics[key] for key in again}
     assert "at the guidance scale that copies most of 1, 2, 6" in (run / "report.md").read_text()

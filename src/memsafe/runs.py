@@ -399,7 +399,7 @@ def guidance_attack(run_dir: Path, config: RunConfig, prompts: list[str] | None,
     own = config.eval.guidance_scale
     by_scale = {own: {key: evaluation.metrics[key] for key in COPY_READINGS if key in evaluation.metrics}}
     for scale in sorted(set(scales) - {own}):
-        by_scale[scale] = copy_readings(sample(prompts, scale), train_set, holdout, config.eval, evaluation.feature_net)
+        by_scale[scale] = copy_readings(sample(prompts, scale), evaluation, train_set, holdout, config.eval)
     found: dict[str, Any] = {"guidance_copies": {f"{scale:g}": by_scale[scale] for scale in sorted(by_scale)}}
     for key in by_scale[own]:
         worst = max(sorted(by_scale), key=lambda scale: by_scale[scale][key])

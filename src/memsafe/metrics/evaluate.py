@@ -23,12 +23,26 @@ from memsafe.metrics.nearest import (
 
 
 @dataclass
+class CopyReference:
+    """The training images generations are compared with, embedded once in the copy features."""
+
+    images: torch.Tensor  # model range
+    features: torch.Tensor
+    feature_net: Any
+
+    @classmethod
+    def build(cls, train_set: ImageSet, feature_net: torch.nn.Module) -> CopyReference:
+        images = train_set.as_model_input()
+        return cls(images=images, features=_embed(feature_net, images), feature_net=feature_net)
+
+
+@dataclass
 class Evaluation:
     metrics: dict
     samples: torch.Tensor  # model range
     neighbours: Neighbours  # pixel-space neighbours in the training set
     ratios: torch.Tensor  # NN1 / NN2 distance ratio per sample
-    feature_net: Any = None  # the copy features the samples were measured in
+    reference: CopyReference  # the training images in the copy features the samples were measured in
 
 
 def feature_network(config: EvalConfig, real_images: ImageSet, progress: bool = True):
@@ -38,6 +52,23 @@ def feature_network(config: EvalConfig, real_images: ImageSet, progress: bool = 
     if config.features != "domain":
         return load_feature_net(config.features)
     return domain_feature_net(real_images.as_model_input(), progress=progress)
+
+
+def copies(samples: torch.Tensor, reference: CopyReference, config: EvalConfig) -> tuple[dict, Neighbours, torch.Tensor]:
+    """(readings, pixel-space neighbours, NN1 / NN2 ratios) of `samples` against the training images: the
+    nearest-neighbour ratio and the copy features' similarity."""
+    neighbours = distinct_nearest_neighbours(samples, reference.images, k=50)
+    ratios = distance_ratio(neighbours)
+    metrics: dict = {
+        "memorized_fraction": memorized_fraction(ratios, config.memorization_threshold),
+        "memorization_threshold": config.memorization_threshold,
+        "nn_ratio_median": ratios.median().item(),
+        "mq_counts": mq_counts(mq_scores(neighbours)),
+    }
+    similarity, _ = top1_similarity(_embed(reference.feature_net, samples), reference.features)
+    calibrate = getattr(reference.feature_net, "calibrate", None)
+    metrics |= copy_statistics(similarity, config.copy_threshold, calibrate=calibrate)
+    return metrics, neighbours, ratios
 
 
 def evaluate_samples(
@@ -51,29 +82,16 @@ def evaluate_samples(
 ) -> Evaluation:
     """Measure `samples` against the training images. The domain feature network is trained on
     `real_images` (default: training plus held-out images) unless `feature_net` is given."""
-    train_images = train_set.as_model_input()
-    neighbours = distinct_nearest_neighbours(samples, train_images, k=50)
-    ratios = distance_ratio(neighbours)
-    metrics: dict = {
-        "num_samples": len(samples),
-        "num_train_images": len(train_set),
-        "memorized_fraction": memorized_fraction(ratios, config.memorization_threshold),
-        "memorization_threshold": config.memorization_threshold,
-        "nn_ratio_median": ratios.median().item(),
-        "mq_counts": mq_counts(mq_scores(neighbours)),
-    }
-
     if feature_net is None:
         if real_images is None:
             real_images = ImageSet(torch.cat([train_set.pixels, holdout.pixels]))
         feature_net = feature_network(config, real_images, progress)
-    train_features = _embed(feature_net, train_images)
-    sample_features = _embed(feature_net, samples)
+    reference = CopyReference.build(train_set, feature_net)
+    found, neighbours, ratios = copies(samples, reference, config)
+    metrics: dict = {"num_samples": len(samples), "num_train_images": len(train_set)} | found
     calibrate = getattr(feature_net, "calibrate", None)
-    similarity, _ = top1_similarity(sample_features, train_features)
-    metrics |= copy_statistics(similarity, config.copy_threshold, calibrate=calibrate)
     if len(train_set) > 1:
-        background, _ = top1_similarity(train_features, train_features, skip_self=True)
+        background, _ = top1_similarity(reference.features, reference.features, skip_self=True)
         metrics |= copy_statistics(background, config.copy_threshold, prefix="train_", calibrate=calibrate)
     metrics["copy_threshold"] = config.copy_threshold
     if calibrate is not None:
@@ -84,30 +102,27 @@ def evaluate_samples(
 
     metrics |= sscd_metrics(samples, train_set, holdout, config)
 
-    reference, metrics["fid_reference"] = (
-        (holdout.as_model_input(), "holdout") if len(holdout) >= 2 else (train_images, "train")
+    reference_images, metrics["fid_reference"] = (
+        (holdout.as_model_input(), "holdout") if len(holdout) >= 2 else (reference.images, "train")
     )
     if config.inception_weights:
-        metrics["fid"], metrics["fid_features"] = fid_inception(reference, samples, config.inception_weights), "inception"
+        metrics["fid"] = fid_inception(reference_images, samples, config.inception_weights)
+        metrics["fid_features"] = "inception"
     else:
-        metrics["fid"] = fid_with_features(reference, samples, feature_net)
+        metrics["fid"] = fid_with_features(reference_images, samples, feature_net)
         metrics["fid_features"] = config.features
-    return Evaluation(metrics=metrics, samples=samples, neighbours=neighbours, ratios=ratios, feature_net=feature_net)
+    return Evaluation(metrics=metrics, samples=samples, neighbours=neighbours, ratios=ratios, reference=reference)
 
 
 # The readings of copies that `copy_readings` takes again on other samples of the same model.
 COPY_READINGS = ("memorized_fraction", "copy_fraction", "copy_rate_sscd")
 
 
-def copy_readings(samples: torch.Tensor, train_set: ImageSet, holdout: ImageSet, config: EvalConfig,
-                  feature_net: torch.nn.Module) -> dict:
-    """COPY_READINGS of `samples` (SSCD's when `eval.sscd` measures it), in the copy features an evaluation
-    of the same model used: e.g. its samples at another guidance scale."""
-    train_images = train_set.as_model_input()
-    ratios = distance_ratio(distinct_nearest_neighbours(samples, train_images, k=50))
-    similarity, _ = top1_similarity(_embed(feature_net, samples), _embed(feature_net, train_images))
-    found = {"memorized_fraction": memorized_fraction(ratios, config.memorization_threshold)}
-    found |= copy_statistics(similarity, config.copy_threshold, calibrate=getattr(feature_net, "calibrate", None))
+def copy_readings(samples: torch.Tensor, evaluation: Evaluation, train_set: ImageSet, holdout: ImageSet,
+                  config: EvalConfig) -> dict:
+    """COPY_READINGS of `samples` (SSCD's when `eval.sscd` measures it), taken as `evaluation` took its own:
+    e.g. the same model's samples at another guidance scale."""
+    found, _, _ = copies(samples, evaluation.reference, config)
     found |= sscd_metrics(samples, train_set, holdout, config)
     return {key: found[key] for key in COPY_READINGS if key in found}
 
