@@ -13,7 +13,7 @@ from memsafe.metrics import sscd
 from memsafe.metrics.copy_detection import own_image_nearest, top1_similarity
 from memsafe.metrics.membership import attack_losses, balanced_sets, loss_attack
 from memsafe.models.unet import build_noise_scheduler
-from memsafe.runs import evaluate_run, load_run_unet, model_space, train_run
+from memsafe.runs import FinishedRun, evaluate_run, train_run
 from tests.conftest import tiny_config_dict
 
 needs_sscd = pytest.mark.skipif(not sscd.available(), reason=f"SSCD not installed ({sscd.INSTALL})")
@@ -43,8 +43,8 @@ def test_an_overfitted_model_gives_its_members_away(tmp_path):
     train_set, holdout = load_dataset(config.data)
     member_indices, nonmember_indices = balanced_sets(len(train_set), len(holdout), 0)
     members, nonmembers = train_set.subset(member_indices), holdout.subset(nonmember_indices)
-    unet, scheduler = load_run_unet(run_dir, config), build_noise_scheduler(config.model)
-    to_model = model_space(config)
+    run = FinishedRun(run_dir)
+    unet, scheduler, to_model = run.unet, build_noise_scheduler(config.model), run.to_model
     trained = loss_attack(attack_losses(unet, scheduler, to_model(members)),
                           attack_losses(unet, scheduler, to_model(nonmembers)))
     assert trained["mia_auc"] > 0.8, trained

@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import time
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -171,22 +172,17 @@ def load_run_unet(run_dir: Path, config: RunConfig) -> torch.nn.Module:
 
 
 def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress: bool = False,
-                   last_token_offset: torch.Tensor | None = None):
+                   last_token_offset: torch.Tensor | None = None, encoder=None, codec=None):
     """A function from prompts (and a guidance scale, default the run's eval.guidance_scale) to one model-range
     image each, sampled from the text-conditional `unet` with the run's text encoder and sampler; the encoder
     is loaded once for every call.
     `last_token_offset` (d,) is added to every prompt's last token embedding (e.g. a gradient-projection sink,
-    to measure what the weights hold behind it)."""
-    from memsafe.models.text import TextEncoder
-
-    encoder = TextEncoder(config.model.text_encoder, config.model.max_text_length)
+    to measure what the weights hold behind it). `encoder` and `codec` (a pipeline run's VAE): the run's,
+    loaded here unless given."""
+    encoder = caption_encoder(config) if encoder is None else encoder
+    codec = latent_codec(config) if codec is None else codec
     noise_scheduler = build_noise_scheduler(config.model)
     uncond = encoder.encode([""])
-    codec = None
-    if is_latent_pipeline(config.model):
-        from memsafe.models.pipeline import LatentCodec
-
-        codec = LatentCodec(config.model.pretrained)
 
     def embed(prompts: list[str]) -> torch.Tensor:
         states = encoder.encode(prompts)
@@ -214,23 +210,56 @@ def prompt_sampler(unet: torch.nn.Module, config: RunConfig, seed: int, progress
     return sample
 
 
+class FinishedRun:
+    """A finished run's parts, each loaded on first use and kept: an evaluation's measurements (samples, the
+    guidance and concept attacks, membership, held-out loss) share one UNet, text encoder and VAE."""
+
+    def __init__(self, run_dir: Path, config: RunConfig | None = None):
+        self.dir = Path(run_dir)
+        self.config = config or load_run_config(self.dir)
+
+    @cached_property
+    def unet(self) -> torch.nn.Module:
+        return load_run_unet(self.dir, self.config)
+
+    @cached_property
+    def encoder(self):
+        return caption_encoder(self.config)
+
+    @cached_property
+    def codec(self):
+        return latent_codec(self.config)
+
+    def to_model(self, images: ImageSet) -> torch.Tensor:
+        """What the UNet denoises: the images in [-1, 1], or their VAE latents for a pipeline run."""
+        if self.codec is None:
+            return images.as_model_input()
+        return torch.cat([self.codec.encode(chunk) for chunk in images.as_model_input().split(16)])
+
+    def sampler(self, seed: int, progress: bool = False, last_token_offset: torch.Tensor | None = None):
+        """`prompt_sampler` of a text run."""
+        return prompt_sampler(self.unet, self.config, seed, progress, last_token_offset, self.encoder, self.codec)
+
+
+def finished(run: Path | FinishedRun) -> FinishedRun:
+    return run if isinstance(run, FinishedRun) else FinishedRun(run)
+
+
 def run_prompt_sampler(run_dir: Path, seed: int, last_token_offset: torch.Tensor | None = None):
-    """`prompt_sampler` for a finished text run, its UNet loaded once."""
-    config = load_run_config(run_dir)
-    return prompt_sampler(load_run_unet(run_dir, config), config, seed, last_token_offset=last_token_offset)
+    """`prompt_sampler` for a finished text run."""
+    return FinishedRun(run_dir).sampler(seed, last_token_offset=last_token_offset)
 
 
-def run_heldout_loss(run_dir: Path, images: ImageSet) -> torch.Tensor:
+def run_heldout_loss(run: Path | FinishedRun, images: ImageSet) -> torch.Tensor:
     """Per-image held-out denoising loss of a finished run (metrics/heldout.py) on `images`, in the space its
     UNet denoises (VAE latents for a pipeline run), under their captions in a text run."""
     from memsafe.metrics.heldout import heldout_denoising_loss
 
-    config = load_run_config(run_dir)
-    encoder = caption_encoder(config)
-    if encoder is not None and not images.captions:
-        raise MemsafeError(f"held-out loss of a text run needs captioned images (run {run_dir})")
-    return heldout_denoising_loss(load_run_unet(run_dir, config), build_noise_scheduler(config.model), encoder,
-                                  model_space(config)(images), images.captions if encoder else None)
+    run = finished(run)
+    if run.encoder is not None and not images.captions:
+        raise MemsafeError(f"held-out loss of a text run needs captioned images (run {run.dir})")
+    return heldout_denoising_loss(run.unet, build_noise_scheduler(run.config.model), run.encoder,
+                                  run.to_model(images), images.captions if run.encoder else None)
 
 
 def caption_encoder(config: RunConfig):
@@ -242,33 +271,29 @@ def caption_encoder(config: RunConfig):
     return TextEncoder(config.model.text_encoder, config.model.max_text_length)
 
 
-def model_space(config: RunConfig) -> Callable[[ImageSet], torch.Tensor]:
-    """A function from images to what the run's UNet denoises: the images in [-1, 1], or their VAE latents for
-    a pipeline run (the VAE loaded once)."""
+def latent_codec(config: RunConfig):
+    """A pipeline run's frozen VAE (models.pipeline.LatentCodec), or None for a pixel-space run."""
     if not is_latent_pipeline(config.model):
-        return lambda images: images.as_model_input()
+        return None
     from memsafe.models.pipeline import LatentCodec
 
-    codec = LatentCodec(config.model.pretrained)
-    return lambda images: torch.cat([codec.encode(chunk) for chunk in images.as_model_input().split(16)])
+    return LatentCodec(config.model.pretrained)
 
 
-def run_membership(run_dir: Path, config: RunConfig, train_set: ImageSet, holdout: ImageSet) -> dict[str, Any]:
+def run_membership(run: FinishedRun, train_set: ImageSet, holdout: ImageSet) -> dict[str, Any]:
     """The loss membership-inference attack (metrics/membership.py) of a finished run: as many training as
     held-out images, the i-th of each noised alike, under their own captions in a text run."""
     from memsafe.metrics.membership import attack_losses, balanced_sets, loss_attack
 
+    config = run.config
     if not config.eval.membership or len(holdout) < 2:
         return {}
     member_indices, nonmember_indices = balanced_sets(len(train_set), len(holdout), config.eval.seed)
-    unet = load_run_unet(run_dir, config)
     noise_scheduler = build_noise_scheduler(config.model)
-    to_model = model_space(config)
-    encoder = caption_encoder(config)
 
     def losses(images: ImageSet) -> torch.Tensor:
-        hidden = encoder.encode_unique(images.captions) if encoder is not None else None
-        return attack_losses(unet, noise_scheduler, to_model(images), hidden, seed=config.eval.seed)
+        hidden = run.encoder.encode_unique(images.captions) if run.encoder is not None else None
+        return attack_losses(run.unet, noise_scheduler, run.to_model(images), hidden, seed=config.eval.seed)
 
     return loss_attack(losses(train_set.subset(member_indices)), losses(holdout.subset(nonmember_indices)))
 
@@ -284,21 +309,21 @@ def draw_prompts(config: RunConfig, num_images: int, seed: int, prompts: list[st
 
 
 def sample_run(
-    run_dir: Path, num_images: int, seed: int, prompts: list[str] | None = None, progress: bool = True,
+    run: Path | FinishedRun, num_images: int, seed: int, prompts: list[str] | None = None, progress: bool = True,
     guidance_scale: float | None = None,
 ) -> tuple[torch.Tensor, list[str] | None]:
     """(samples, their prompts) from a finished run; a text run without `prompts` uses training captions
     drawn with `seed`, and `guidance_scale` (default the run's eval.guidance_scale)."""
-    config = load_run_config(run_dir)
+    run = finished(run)
+    config = run.config
     if config.model.conditioning != "text" and (prompts or guidance_scale is not None):
-        raise MemsafeError(f"run {run_dir} is unconditional: it takes no prompts and no guidance scale")
+        raise MemsafeError(f"run {run.dir} is unconditional: it takes no prompts and no guidance scale")
     if guidance_scale is not None:
         if guidance_scale < 1.0:
             raise MemsafeError(f"guidance scale must be at least 1 (1: no guidance), got {guidance_scale}")
-    unet = load_run_unet(run_dir, config)
     if config.model.conditioning != "text":
         samples = generate(
-            unet,
+            run.unet,
             build_noise_scheduler(config.model),
             num_images,
             steps=config.eval.sampling_steps,
@@ -308,7 +333,7 @@ def sample_run(
         )
         return samples, None
     prompts = draw_prompts(config, num_images, seed, prompts)
-    return prompt_sampler(unet, config, seed, progress)(prompts, guidance_scale), prompts
+    return run.sampler(seed, progress)(prompts, guidance_scale), prompts
 
 
 def write_samples(samples: torch.Tensor, folder: Path, seed: int, prompts: list[str] | None = None) -> Path:
@@ -342,7 +367,8 @@ def evaluate_run(run_dir: Path, progress: bool = True) -> Evaluation:
 
 def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluation:
     started = time.perf_counter()
-    samples, prompts = sample_run(run_dir, config.eval.num_samples, config.eval.seed, progress=progress)
+    run = FinishedRun(run_dir, config)
+    samples, prompts = sample_run(run, config.eval.num_samples, config.eval.seed, progress=progress)
     write_samples(samples, run_dir / "samples", config.eval.seed, prompts)
     all_images = load_images(config.data)
     train_set, holdout = load_dataset(config.data, all_images)
@@ -367,11 +393,11 @@ def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluati
         threshold=config.eval.memorization_threshold,
     )
     save_image_grid(samples[:64], run_dir / "samples.png", title=f"{config.defense.name}: samples")
-    evaluation.metrics |= measure_concept_if_known(run_dir, config, progress)
-    evaluation.metrics |= guidance_attack(run_dir, config, prompts, train_set, holdout, evaluation, progress)
-    evaluation.metrics |= run_membership(run_dir, config, train_set, holdout)
+    evaluation.metrics |= measure_concept_if_known(run, progress)
+    evaluation.metrics |= guidance_attack(run, prompts, train_set, holdout, evaluation, progress)
+    evaluation.metrics |= run_membership(run, train_set, holdout)
     if len(holdout) and (config.model.conditioning != "text" or holdout.captions):
-        evaluation.metrics["heldout_loss"] = run_heldout_loss(run_dir, holdout).mean().item()
+        evaluation.metrics["heldout_loss"] = run_heldout_loss(run, holdout).mean().item()
     defenses = selected(config.defense.names)
     for defense in defenses:
         if defense.evaluate is not None:
@@ -385,17 +411,18 @@ def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluati
     return evaluation
 
 
-def guidance_attack(run_dir: Path, config: RunConfig, prompts: list[str] | None, train_set: ImageSet,
-                    holdout: ImageSet, evaluation: Evaluation, progress: bool) -> dict[str, Any]:
+def guidance_attack(run: FinishedRun, prompts: list[str] | None, train_set: ImageSet, holdout: ImageSet,
+                    evaluation: Evaluation, progress: bool) -> dict[str, Any]:
     """A text run's copies (metrics.evaluate.COPY_READINGS) on the same prompts and seed at each of
     `eval.attack_guidance_scales` (at `eval.guidance_scale`, those of the evaluation's samples), and the highest
     of each reading with its scale (`<reading>_worst`, `<reading>_worst_guidance`)."""
     from memsafe.metrics.evaluate import COPY_READINGS, copy_readings
 
+    config = run.config
     scales = config.eval.attack_guidance_scales
     if config.model.conditioning != "text" or not scales:
         return {}
-    sample = prompt_sampler(load_run_unet(run_dir, config), config, config.eval.seed, progress)
+    sample = run.sampler(config.eval.seed, progress)
     own = config.eval.guidance_scale
     by_scale = {own: {key: evaluation.metrics[key] for key in COPY_READINGS if key in evaluation.metrics}}
     for scale in sorted(set(scales) - {own}):
@@ -407,11 +434,12 @@ def guidance_attack(run_dir: Path, config: RunConfig, prompts: list[str] | None,
     return found
 
 
-def measure_concept_if_known(run_dir: Path, config: RunConfig, progress: bool) -> dict[str, Any]:
+def measure_concept_if_known(run: FinishedRun, progress: bool) -> dict[str, Any]:
     """The concept-extraction attack, for text runs on built-in concept data (whose detector memsafe trains):
     extraction rate, base rate and allowed accuracy."""
     from memsafe.metrics.extraction import attack_for, measure_concept
 
+    config = run.config
     attack = attack_for(config.data.source)
     if config.model.conditioning != "text" or attack is None:
         return {}
@@ -419,7 +447,7 @@ def measure_concept_if_known(run_dir: Path, config: RunConfig, progress: bool) -
 
     detector = ink_digit_detector(config.data.resolution, progress=progress)
     measured = measure_concept(
-        prompt_sampler(load_run_unet(run_dir, config), config, config.eval.seed),
+        run.sampler(config.eval.seed),
         detector,
         attack,
         per_prompt=2,
