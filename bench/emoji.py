@@ -46,7 +46,7 @@ from memsafe.metrics.membership import attack_losses, loss_attack  # noqa: E402
 from memsafe.metrics.nearest import distance_ratio, distinct_nearest_neighbours, memorized_fraction  # noqa: E402
 from memsafe.models.text import TextEncoder  # noqa: E402
 from memsafe.models.unet import build_noise_scheduler  # noqa: E402
-from memsafe.runs import load_run_unet, prompt_sampler, run_heldout_loss, train_run  # noqa: E402
+from memsafe.runs import FinishedRun, run_heldout_loss, train_run  # noqa: E402
 from memsafe.train.checkpoint import latest_checkpoint, read_state  # noqa: E402
 
 # The defenses people would otherwise pick, both plain training: stopped where each of IET's K proxies stops
@@ -183,9 +183,9 @@ class Probe:
     def fid(self, generated: torch.Tensor) -> float:
         return fid_with_features(self.holdout.as_model_input(), generated, self.feature_net)
 
-    def at_scale(self, unet, config, scale: float) -> dict:
-        """Copies of the duplicated prompts and FID of the held-out ones, sampled at guidance `scale`."""
-        sample = prompt_sampler(unet, config, seed=config.eval.seed)
+    def at_scale(self, sample, scale: float) -> dict:
+        """Copies of the duplicated prompts and FID of the held-out ones, sampled by `sample` (a run's
+        `prompt_sampler`) at guidance `scale`."""
         embedded = self.detector.embed(to_uint8(sample(self.prompts["dup"], scale)))
         found, _ = sscd.replication_statistics(embedded, self.references, self.holdout_references)
         return {"dup_extracted_sscd": self.drawn(embedded, "dup"), "dup_copy_rate_sscd": found["copy_rate_sscd"],
@@ -227,8 +227,8 @@ def measure(run_dir: Path, config, samples_per_group: int, seed: int, scales: li
     distinct = probe.distinct
     dup_distinct = [i for i in distinct if dup[i]]
     unique = [i for i in distinct if not dup[i]]
-    unet = load_run_unet(run_dir, config)
-    sample = prompt_sampler(unet, config, seed=config.eval.seed)
+    run = FinishedRun(run_dir, config)
+    sample = run.sampler(config.eval.seed)
     generated = {group: sample(group_prompts) for group, group_prompts in probe.prompts.items()}
 
     train_images = train_set.as_model_input()
@@ -244,11 +244,11 @@ def measure(run_dir: Path, config, samples_per_group: int, seed: int, scales: li
         readings[f"{group}_sim_95pc_sscd"] = found["sim_95pc_sscd"]
         readings["holdout_copy_rate_sscd"] = found["holdout_copy_rate_sscd"]
     readings["fid"] = probe.fid(generated["holdout"])
-    readings["heldout_loss"] = run_heldout_loss(run_dir, holdout).mean().item()
-    readings |= membership(unet, config, train_set, holdout, unique, dup_distinct)
+    readings["heldout_loss"] = run_heldout_loss(run, holdout).mean().item()
+    readings |= membership(run.unet, config, train_set, holdout, unique, dup_distinct)
     for scale in scales:
         at_scale = ({k: readings[k] for k in GRID_READINGS} if scale == config.eval.guidance_scale
-                    else probe.at_scale(unet, config, scale))
+                    else probe.at_scale(sample, scale))
         readings |= {grid_key(scale, k): v for k, v in at_scale.items()}
     return readings | agc_skip_rates(run_dir, dup)
 

@@ -20,18 +20,19 @@ from emoji import Probe, duplicated_flags  # noqa: E402
 from results_io import CARRIED, METADATA, RESULTS, write_results  # noqa: E402
 
 from memsafe.data import load_dataset  # noqa: E402
-from memsafe.runs import load_run_config, load_run_unet  # noqa: E402
+from memsafe.runs import FinishedRun  # noqa: E402
 
 
 def readings(run_dir: Path, scales: list[float], samples: int) -> dict[str, dict[str, float]]:
-    config = load_run_config(run_dir)
+    run = FinishedRun(run_dir)
+    config = run.config
     seed = int(run_dir.name.rsplit("-", 1)[1])  # bench/emoji.py names a run <variant>-<seed>
     train_set, holdout = load_dataset(config.data)
     probe = Probe(config, train_set, holdout, duplicated_flags(Path(config.data.source), train_set.names), samples, seed)
-    unet = load_run_unet(run_dir, config)
+    sample = run.sampler(config.eval.seed)
     out = {}
     for scale in scales:
-        out[str(scale)] = probe.at_scale(unet, config, scale)
+        out[str(scale)] = probe.at_scale(sample, scale)
         print(run_dir.name, scale, json.dumps(out[str(scale)]), flush=True)
     return out
 

@@ -20,15 +20,16 @@ from emoji import Probe, duplicated_flags  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
 from memsafe.data.images import to_uint8  # noqa: E402
 from memsafe.metrics.copy_detection import own_image_nearest  # noqa: E402
-from memsafe.runs import load_run_config, load_run_unet, prompt_sampler  # noqa: E402
+from memsafe.runs import FinishedRun  # noqa: E402
 
 
 def drawn_per_caption(run: Path, scale: float, samples: int) -> dict[str, str]:
-    config = load_run_config(run)
+    finished = FinishedRun(run)
+    config = finished.config
     seed = int(run.name.rsplit("-", 1)[1])
     train_set, holdout = load_dataset(config.data)
     probe = Probe(config, train_set, holdout, duplicated_flags(Path(config.data.source), train_set.names), samples, seed)
-    sample = prompt_sampler(load_run_unet(run, config), config, seed=config.eval.seed)
+    sample = finished.sampler(config.eval.seed)
     prompts = probe.prompts["dup"]
     rows = probe.rows["dup"]
     embedded = probe.detector.embed(to_uint8(sample(prompts, scale)))
