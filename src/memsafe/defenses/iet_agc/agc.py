@@ -155,7 +155,7 @@ class AntiGradientControl(TrainHook):
         if not self.skip:
             return batch
         index = batch["index"].cpu()
-        decided = ~read & (self.ledger.smoothed[index] * self.ratio < 1.0)
+        decided = ~read & self.skips(self.ledger.smoothed[index], index)
         decided[0] = decided[0] & ~decided.all()  # one draw stays: every process runs a backward pass
         if not decided.any():
             return batch
@@ -172,12 +172,16 @@ class AntiGradientControl(TrainHook):
         losses = torch.where(read, losses, math.nan)
         relative = self.bank.relative(losses, timesteps)
         score = self.ledger.smooth(index, relative)
-        kept = score * self.ratio >= 1.0 if self.skip else torch.ones_like(losses, dtype=torch.bool)
+        kept = ~self.skips(score, index) if self.skip else torch.ones_like(losses, dtype=torch.bool)
         self.bank.update(losses, timesteps)
         self.ledger.record(index, kept, relative)
         self.kept += int(kept.sum())
         self.seen += len(kept)
         return kept.float() if self.skip else None
+
+    def skips(self, score: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The rule: which draws (of the samples `index`) a score (relative loss or gain) skips."""
+        return score * self.ratio < 1.0
 
     def take_skip_rate(self) -> float:
         rate = 1.0 - self.kept / self.seen if self.seen else 0.0
