@@ -1,0 +1,53 @@
+"""How much of the emoji benchmark's FID spread is the FID estimate itself: each kept run (bench/emoji.py
+--workdir DIR) sampled again on its 500 held-out prompts with other sampling seeds, FID read each time as
+bench/emoji.py reads it. Set beside the spread over training seeds (bench/results/emoji.json), it says how
+large a change in FID one pair of runs can show.
+
+    python bench/emoji_fid_spread.py DIR/runs/plain-0 [...] --sampling-seeds 0,1,2,3 --guidance 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from emoji import Probe, duplicated_flags  # noqa: E402
+from results_io import RESULTS, write_results  # noqa: E402
+
+from memsafe.data import load_dataset  # noqa: E402
+from memsafe.runs import FinishedRun  # noqa: E402
+
+
+def fids(run_dir: Path, seeds: list[int], scale: float) -> list[float]:
+    run = FinishedRun(run_dir)
+    train_set, holdout = load_dataset(run.config.data)
+    flags = duplicated_flags(Path(run.config.data.source), train_set.names)
+    probe = Probe(run.config, train_set, holdout, flags, 1, int(run_dir.name.rsplit("-", 1)[1]))
+    return [probe.fid(run.sampler(seed)(probe.prompts["holdout"], scale)) for seed in seeds]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+", help="run folders of bench/emoji.py --workdir")
+    parser.add_argument("--sampling-seeds", default="0,1,2,3")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "emoji_fid_spread.json")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.sampling_seeds.split(",")]
+    results = {}
+    for run in args.runs:
+        found = fids(run, seeds, args.guidance)
+        results[run.name] = {"fid": found, "mean": statistics.mean(found), "sd": statistics.stdev(found),
+                             "sampling_seeds": seeds, "guidance": args.guidance, "data": str(run.parent.parent)}
+        print(run.name, results[run.name], flush=True)
+    table = ["| run | FID per sampling seed | mean ± s.d. |", "|---|---|---|"]
+    table += [f"| {name} ({r['data']}) | {', '.join(f'{f:.2f}' for f in r['fid'])} | {r['mean']:.2f} ± {r['sd']:.2f} |"
+              for name, r in results.items()]
+    write_results(args.out, results, table)
+
+
+if __name__ == "__main__":
+    main()
