@@ -1,0 +1,107 @@
+"""Which per-image signal tells the duplicated emoji from the unique ones on a finished run (kept by
+`bench/emoji.py --workdir DIR`), and from the unique flags (whose caption pins the image down as a
+duplicate's does: the unique images AGC skips most). Every distinct training emoji is scored at
+`--draws` noise draws with t in [200, 500) (the caption profile's window), averaged in log:
+
+- `empty_gain`: loss over the loss with the empty caption (AGC's `caption_gain`);
+- `neighbour_gain`: loss over the loss with the nearest other caption (MiniLM, mean-pooled), which asks
+  how much this caption tells beyond a near one;
+- `loss`: the conditional loss; `gain+loss`: the two z-scored and added.
+
+Per signal: AUC of duplicated against unique, against the unique flags, and the share of unique images
+(flags) that score as memorized as the least memorized duplicate.
+
+    python bench/emoji_signal_auc.py DIR/runs/plain-0 [--draws 8] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+sys.path.insert(0, str(Path(__file__).parent))
+from emoji import duplicated_flags  # noqa: E402
+from results_io import RESULTS, write_results  # noqa: E402
+
+from memsafe.data import load_dataset  # noqa: E402
+from memsafe.models.unet import build_noise_scheduler  # noqa: E402
+from memsafe.runs import FinishedRun  # noqa: E402
+from memsafe.train.loss import per_sample_diffusion_loss  # noqa: E402
+
+WINDOW = (200, 500)
+
+
+def nearest_other_caption(states: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    pooled = torch.nn.functional.normalize(states.mean(1), dim=1)
+    similarity = pooled @ pooled.T
+    same = torch.tensor([[a == b for b in captions] for a in captions])
+    return similarity.masked_fill(same, -2.0).argmax(1)
+
+
+@torch.no_grad()
+def log_losses(run: FinishedRun, images: torch.Tensor, conditions: dict[str, torch.Tensor], draws: int) -> dict:
+    """Mean over draws of each condition's log loss, every condition on the same noise and timesteps."""
+    scheduler = build_noise_scheduler(run.config.model)
+    generator = torch.Generator().manual_seed(0)
+    total = {name: torch.zeros(len(images)) for name in conditions}
+    for _ in range(draws):
+        noise = torch.randn(images.shape, generator=generator)
+        timesteps = torch.randint(*WINDOW, (len(images),), generator=generator)
+        for name, states in conditions.items():
+            losses = [per_sample_diffusion_loss(run.unet, scheduler, images[rows], noise[rows], timesteps[rows],
+                                                snr_gamma=run.config.train.snr_gamma,
+                                                encoder_hidden_states=states[rows])[0]
+                      for rows in torch.arange(len(images)).split(256)]
+            total[name] += torch.cat(losses).log() / draws
+    return total
+
+
+def separation(memorized: torch.Tensor, dup: torch.Tensor, flag: torch.Tensor) -> dict:
+    """`memorized`: higher reads more memorized."""
+    unique, floor = ~dup, memorized[dup].min()
+    both = dup | flag
+    return {"auc_dup_vs_unique": binary_auroc(memorized, dup.long()).item(),
+            "auc_dup_vs_unique_flags": binary_auroc(memorized[both], dup[both].long()).item(),
+            "unique_as_memorized": (memorized[unique] >= floor).double().mean().item(),
+            "unique_flags_as_memorized": (memorized[unique & flag] >= floor).double().mean().item()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS / "emoji_signal_auc.json")
+    args = parser.parse_args()
+    run = FinishedRun(args.run)
+    train_set, _ = load_dataset(run.config.data)
+    flags = duplicated_flags(Path(run.config.data.source), train_set.names)
+    distinct = [i for i, name in enumerate(train_set.names) if name.endswith("-00.png")]
+    captions = [train_set.captions[i] for i in distinct]
+    states = run.encoder.encode(captions)
+    conditions = {"own": states, "empty": run.encoder.encode([""]).expand_as(states),
+                  "neighbour": states[nearest_other_caption(states, captions)]}
+    logs = log_losses(run, train_set.as_model_input()[distinct], conditions, args.draws)
+    empty_gain, neighbour_gain = logs["own"] - logs["empty"], logs["own"] - logs["neighbour"]
+
+    def z(v: torch.Tensor) -> torch.Tensor:
+        return (v - v.mean()) / v.std()
+
+    signals = {"empty_gain": empty_gain, "neighbour_gain": neighbour_gain, "loss": logs["own"],
+               "gain+loss": z(empty_gain) + z(logs["own"])}
+    dup, flag = flags[distinct], torch.tensor(["flag" in caption for caption in captions])
+    results = {name: separation(-value, dup, flag) for name, value in signals.items()}  # low reads memorized
+    results = {"run": str(args.run), "draws": args.draws, "window": list(WINDOW), "signals": results}
+    table = ["| signal | AUC dup. vs unique | vs unique flags | unique as memorized | unique flags as memorized |",
+             "|---|---|---|---|---|"]
+    table += [f"| {name} | {r['auc_dup_vs_unique']:.3f} | {r['auc_dup_vs_unique_flags']:.3f} | "
+              f"{r['unique_as_memorized']:.2f} | {r['unique_flags_as_memorized']:.2f} |"
+              for name, r in results["signals"].items()]
+    write_results(args.out, results, table)
+
+
+if __name__ == "__main__":
+    main()
