@@ -11,7 +11,7 @@ duplicate's does: the unique images AGC skips most). Every distinct training emo
 Per signal: AUC of duplicated against unique, against the unique flags, and the share of unique images
 (flags) that score as memorized as the least memorized duplicate.
 
-    python bench/emoji_signal_auc.py DIR/runs/plain-0 [--draws 8] [--out FILE]
+    python bench/emoji_signal_auc.py DIR/runs/plain-0 [DIR2/runs/...] [--draws 8] [--out FILE]
 """
 
 from __future__ import annotations
@@ -70,13 +70,8 @@ def separation(memorized: torch.Tensor, dup: torch.Tensor, flag: torch.Tensor) -
             "unique_flags_as_memorized": (memorized[unique & flag] >= floor).double().mean().item()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path)
-    parser.add_argument("--draws", type=int, default=8)
-    parser.add_argument("--out", type=Path, default=RESULTS / "emoji_signal_auc.json")
-    args = parser.parse_args()
-    run = FinishedRun(args.run)
+def signals(run_dir: Path, draws: int) -> dict:
+    run = FinishedRun(run_dir)
     train_set, _ = load_dataset(run.config.data)
     flags = duplicated_flags(Path(run.config.data.source), train_set.names)
     distinct = [i for i, name in enumerate(train_set.names) if name.endswith("-00.png")]
@@ -84,23 +79,31 @@ def main() -> None:
     states = run.encoder.encode(captions)
     conditions = {"own": states, "empty": run.encoder.encode([""]).expand_as(states),
                   "neighbour": states[nearest_other_caption(states, captions)]}
-    logs = log_losses(run, train_set.as_model_input()[distinct], conditions, args.draws)
+    logs = log_losses(run, train_set.as_model_input()[distinct], conditions, draws)
     empty_gain, neighbour_gain = logs["own"] - logs["empty"], logs["own"] - logs["neighbour"]
 
     def z(v: torch.Tensor) -> torch.Tensor:
         return (v - v.mean()) / v.std()
 
-    signals = {"empty_gain": empty_gain, "neighbour_gain": neighbour_gain, "loss": logs["own"],
-               "gain+loss": z(empty_gain) + z(logs["own"])}
+    found = {"empty_gain": empty_gain, "neighbour_gain": neighbour_gain, "loss": logs["own"],
+             "gain+loss": z(empty_gain) + z(logs["own"])}
     dup, flag = flags[distinct], torch.tensor(["flag" in caption for caption in captions])
-    results = {name: separation(-value, dup, flag) for name, value in signals.items()}  # low reads memorized
-    results = {"run": str(args.run), "draws": args.draws, "window": list(WINDOW), "signals": results}
-    table = ["| signal | AUC dup. vs unique | vs unique flags | unique as memorized | unique flags as memorized |",
-             "|---|---|---|---|---|"]
-    table += [f"| {name} | {r['auc_dup_vs_unique']:.3f} | {r['auc_dup_vs_unique_flags']:.3f} | "
+    return {name: separation(-value, dup, flag) for name, value in found.items()}  # low reads memorized
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=RESULTS / "emoji_signal_auc.json")
+    args = parser.parse_args()
+    results = {str(run): signals(run, args.draws) for run in args.runs}
+    table = ["| run | signal | AUC dup. vs unique | vs unique flags | unique as memorized | unique flags as memorized |",
+             "|---|---|---|---|---|---|"]
+    table += [f"| {run} | {name} | {r['auc_dup_vs_unique']:.3f} | {r['auc_dup_vs_unique_flags']:.3f} | "
               f"{r['unique_as_memorized']:.2f} | {r['unique_flags_as_memorized']:.2f} |"
-              for name, r in results["signals"].items()]
-    write_results(args.out, results, table)
+              for run, by_signal in results.items() for name, r in by_signal.items()]
+    write_results(args.out, {"draws": args.draws, "window": list(WINDOW), "runs": results}, table)
 
 
 if __name__ == "__main__":
