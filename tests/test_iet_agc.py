@@ -168,6 +168,8 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
         ({"name": "iet_agc", "iet_agc": {"agc_signal": "gain"}}, "agc_signal must be loss or caption_gain, got 'gain'"),
         ({"name": "iet_agc", "iet_agc": {"agc_signal": "caption_gain"}}, "caption_gain needs a text-conditional model"),
         ({"name": "iet_agc", "iet_agc": {"agc_timesteps": [500, 200]}}, "agc_timesteps must be [low, high)"),
+        ({"name": "iet_agc", "iet_agc": {"agc_timesteps": [1000, 2000]}},
+         "lies past the scheduler's 1000 training timesteps: AGC would read no draw"),
         ({"name": "iet_agc", "iet_agc": {"shards": 2}, "max_steps": 10}, "all within train.warmup_steps 5"),
         ({"name": "iet_agc", "iet_agc": {"profile": "strict"}}, "profile must be auto or one of loss, caption, reference"),
     ],
@@ -427,3 +429,6 @@ def test_the_profile_fills_what_the_config_leaves_unset_by_the_kind_of_model(tin
         "reference", {"shards": 4, "agc_signal": "loss", "agc_ratio": None, "agc_smoothing": 0.0, "agc_timesteps": None})
     # The resolved settings are what a run records: loading them again changes nothing.
     assert settings(merge(text, {})) == settings(text)
+    # The caption profile's window is of 1,000 timesteps: a scheduler with 100 reads the same share of them.
+    short = merge(tiny_config, {"defense.name": "iet_agc", "model.conditioning": "text", "model.num_train_timesteps": 100})
+    assert short.defense.iet_agc.agc_timesteps == [20, 50]

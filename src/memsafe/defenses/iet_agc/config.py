@@ -20,7 +20,8 @@ MIN_ROUNDS = 5
 # is "caption" for a text-conditional model and "loss" otherwise. "loss" is the rule the digits benchmark
 # supports, "caption" the one the emoji benchmark supports (judged by the caption's gain at mid noise, on one
 # shard: at that budget proxy averaging cost +35 % FID; docs/research/iet-agc.md), "reference" the public
-# reference code's rule (AGC on one draw of the loss).
+# reference code's rule (AGC on one draw of the loss). A profile's agc_timesteps are of 1,000 training timesteps,
+# scaled to the run's scheduler.
 PROFILES = {
     "loss": {"shards": 4, "agc_signal": "loss", "agc_smoothing": 0.8},
     "caption": {"shards": 1, "agc_signal": "caption_gain", "agc_ratio": 1.02, "agc_smoothing": 0.0,
@@ -78,15 +79,18 @@ class IETConfig:
     PROFILES: ClassVar[dict[str, dict]] = PROFILES
 
 
-def resolve_profile(iet: IETConfig, text_conditional: bool) -> None:
-    """Fills the keys `iet` leaves unset from its profile ("auto" becomes the one it picks for the model)."""
+def resolve_profile(iet: IETConfig, text_conditional: bool, num_timesteps: int = 1000) -> None:
+    """Fills the keys `iet` leaves unset from its profile ("auto" becomes the one it picks for the model), the
+    profile's timestep window scaled from 1,000 to the scheduler's `num_timesteps`."""
     if iet.profile == "auto":
         iet.profile = "caption" if text_conditional else "loss"
     if iet.profile not in PROFILES:
         raise MemsafeError(f"defense.iet_agc.profile must be auto or one of {', '.join(PROFILES)}, got {iet.profile!r}")
     for key, value in PROFILES[iet.profile].items():
         if getattr(iet, key) is None:
-            setattr(iet, key, list(value) if isinstance(value, list) else value)
+            if key == "agc_timesteps":
+                value = [round(t * num_timesteps / 1000) for t in value]
+            setattr(iet, key, value)
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,12 @@ def schedule(iet: IETConfig, max_steps: int) -> Schedule:
 
 def validate(config: RunConfig) -> None:
     from memsafe.models.pipeline import is_latent_pipeline  # models import the config, which imports defenses
+    from memsafe.models.unet import training_timesteps
 
     iet, train = config.defense.iet_agc, config.train
     where = "defense.iet_agc"
-    resolve_profile(iet, config.model.conditioning == "text")
+    num_timesteps = training_timesteps(config.model)
+    resolve_profile(iet, config.model.conditioning == "text", num_timesteps)
     if iet.shards < 1:
         raise MemsafeError(f"{where}.shards must be at least 1, got {iet.shards}")
     if iet.rounds is not None and iet.local_steps is not None:
@@ -136,6 +142,11 @@ def validate(config: RunConfig) -> None:
         len(iet.agc_timesteps) == 2 and 0 <= iet.agc_timesteps[0] < iet.agc_timesteps[1]
     ):
         raise MemsafeError(f"{where}.agc_timesteps must be [low, high) with 0 <= low < high, got {iet.agc_timesteps}")
+    if iet.agc_timesteps is not None and iet.agc_timesteps[0] >= num_timesteps:
+        raise MemsafeError(
+            f"{where}.agc_timesteps {iet.agc_timesteps} lies past the scheduler's {num_timesteps} training timesteps: "
+            f"AGC would read no draw and skip nothing; give a window within [0, {num_timesteps})"
+        )
     if not 0.0 < iet.agc_read_share <= 1.0:
         raise MemsafeError(f"{where}.agc_read_share must be in (0, 1], got {iet.agc_read_share}")
     if not 0.0 <= iet.agc_smoothing < 1.0:
