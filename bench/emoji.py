@@ -147,10 +147,15 @@ def duplicated_flags(train: Path, names: list[str]) -> torch.Tensor:
     return torch.tensor([flags[n] for n in names])
 
 
+def distinct_emoji(train_set) -> list[int]:
+    """The index of each distinct training emoji: its first copy (split_emoji names copies NNNNN-CC.png)."""
+    return [i for i, name in enumerate(train_set.names) if name.endswith("-00.png")]
+
+
 def prompt_groups(train_set, holdout, dup: torch.Tensor, samples_per_group: int, seed: int):
     """The distinct training emoji (first copies), and the emoji and prompts of the three groups generated
     for: duplicated ones (drawn with replacement), unique ones, and every held-out one."""
-    distinct = [i for i, name in enumerate(train_set.names) if name.endswith("-00.png")]
+    distinct = distinct_emoji(train_set)
     generator = random.Random(seed)
     own = {"dup": [generator.choice([i for i in distinct if dup[i]]) for _ in range(samples_per_group)],
            "unique": generator.sample([i for i in distinct if not dup[i]], samples_per_group),
@@ -190,6 +195,13 @@ class Probe:
         found, _ = sscd.replication_statistics(embedded, self.references, self.holdout_references)
         return {"dup_extracted_sscd": self.drawn(embedded, "dup"), "dup_copy_rate_sscd": found["copy_rate_sscd"],
                 "fid": self.fid(sample(self.prompts["holdout"], scale))}
+
+
+def kept_run_probe(run: FinishedRun, samples_per_group: int) -> Probe:
+    """The Probe this benchmark read a run it kept with (DIR/runs/VARIANT-SEED: the seed picks the prompts)."""
+    train_set, holdout = load_dataset(run.config.data)
+    flags = duplicated_flags(Path(run.config.data.source), train_set.names)
+    return Probe(run.config, train_set, holdout, flags, samples_per_group, int(run.dir.name.rsplit("-", 1)[1]))
 
 
 GRID_READINGS = ("dup_extracted_sscd", "dup_copy_rate_sscd", "fid")

@@ -14,18 +14,15 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emoji import Probe, duplicated_flags  # noqa: E402
+from emoji import kept_run_probe  # noqa: E402
 from results_io import RESULTS, write_results  # noqa: E402
 
-from memsafe.data import load_dataset  # noqa: E402
 from memsafe.runs import FinishedRun  # noqa: E402
 
 
 def fids(run_dir: Path, seeds: list[int], scale: float) -> list[float]:
     run = FinishedRun(run_dir)
-    train_set, holdout = load_dataset(run.config.data)
-    flags = duplicated_flags(Path(run.config.data.source), train_set.names)
-    probe = Probe(run.config, train_set, holdout, flags, 1, int(run_dir.name.rsplit("-", 1)[1]))
+    probe = kept_run_probe(run, 1)
     return [probe.fid(run.sampler(seed)(probe.prompts["holdout"], scale)) for seed in seeds]
 
 

@@ -16,20 +16,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emoji import Probe, duplicated_flags  # noqa: E402
+from emoji import kept_run_probe  # noqa: E402
 from results_io import CARRIED, METADATA, RESULTS, write_results  # noqa: E402
 
-from memsafe.data import load_dataset  # noqa: E402
 from memsafe.runs import FinishedRun  # noqa: E402
 
 
 def readings(run_dir: Path, scales: list[float], samples: int) -> dict[str, dict[str, float]]:
     run = FinishedRun(run_dir)
-    config = run.config
-    seed = int(run_dir.name.rsplit("-", 1)[1])  # bench/emoji.py names a run <variant>-<seed>
-    train_set, holdout = load_dataset(config.data)
-    probe = Probe(config, train_set, holdout, duplicated_flags(Path(config.data.source), train_set.names), samples, seed)
-    sample = run.sampler(config.eval.seed)
+    probe = kept_run_probe(run, samples)
+    sample = run.sampler(run.config.eval.seed)
     out = {}
     for scale in scales:
         out[str(scale)] = probe.at_scale(sample, scale)

@@ -15,9 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emoji import Probe, duplicated_flags  # noqa: E402
+from emoji import kept_run_probe  # noqa: E402
 
-from memsafe.data import load_dataset  # noqa: E402
 from memsafe.data.images import to_uint8  # noqa: E402
 from memsafe.metrics.copy_detection import own_image_nearest  # noqa: E402
 from memsafe.runs import FinishedRun  # noqa: E402
@@ -25,11 +24,8 @@ from memsafe.runs import FinishedRun  # noqa: E402
 
 def drawn_per_caption(run: Path, scale: float, samples: int) -> dict[str, str]:
     finished = FinishedRun(run)
-    config = finished.config
-    seed = int(run.name.rsplit("-", 1)[1])
-    train_set, holdout = load_dataset(config.data)
-    probe = Probe(config, train_set, holdout, duplicated_flags(Path(config.data.source), train_set.names), samples, seed)
-    sample = finished.sampler(config.eval.seed)
+    probe = kept_run_probe(finished, samples)
+    sample = finished.sampler(finished.config.eval.seed)
     prompts = probe.prompts["dup"]
     rows = probe.rows["dup"]
     embedded = probe.detector.embed(to_uint8(sample(prompts, scale)))

@@ -24,7 +24,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emoji import duplicated_flags  # noqa: E402
+from emoji import distinct_emoji, duplicated_flags  # noqa: E402
 from results_io import RESULTS, write_results  # noqa: E402
 
 from memsafe.data import load_dataset  # noqa: E402
@@ -74,7 +74,7 @@ def signals(run_dir: Path, draws: int) -> dict:
     run = FinishedRun(run_dir)
     train_set, _ = load_dataset(run.config.data)
     flags = duplicated_flags(Path(run.config.data.source), train_set.names)
-    distinct = [i for i, name in enumerate(train_set.names) if name.endswith("-00.png")]
+    distinct = distinct_emoji(train_set)
     captions = [train_set.captions[i] for i in distinct]
     states = run.encoder.encode(captions)
     conditions = {"own": states, "empty": run.encoder.encode([""]).expand_as(states),
