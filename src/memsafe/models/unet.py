@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from pathlib import Path
 
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
@@ -79,12 +77,8 @@ def load_pretrained_unet(
 
 
 def training_timesteps(model: ModelConfig) -> int:
-    """The number of training timesteps of the scheduler `build_noise_scheduler` gives, read without building it."""
-    if model.pretrained:
-        path = Path(model.pretrained) / "scheduler" / "scheduler_config.json"
-        if path.is_file():
-            return int(json.loads(path.read_text()).get("num_train_timesteps", 1000))  # diffusers' default
-    return model.num_train_timesteps
+    """The number of training timesteps of the run's scheduler (a pretrained one may differ from the config's)."""
+    return build_noise_scheduler(model).config.num_train_timesteps
 
 
 def build_noise_scheduler(model: ModelConfig) -> DDPMScheduler:

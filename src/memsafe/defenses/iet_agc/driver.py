@@ -19,7 +19,7 @@ from memsafe.defenses.iet_agc.augment import LossDrivenAugmentation
 from memsafe.defenses.iet_agc.config import schedule, small_shard_warning
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
-from memsafe.models.unet import build_noise_scheduler
+from memsafe.models.unet import training_timesteps
 from memsafe.train.checkpoint import atomic_checkpoint, load_checkpoint, read_state, write_state, write_trainer_state
 from memsafe.train.loop import Trainer, drive, make_accelerator
 
@@ -102,9 +102,8 @@ class IETTrainer:
         warning = small_shard_warning(iet, len(train_set), config.train.batch_size)
         if warning and self.accelerator.is_main_process:
             print(f"memsafe: warning: {warning}", file=sys.stderr)
-        # The bank has one bin per timestep of the scheduler the proxies train with (a pretrained one may
-        # differ from the config's default).
-        timesteps = build_noise_scheduler(config.model).config.num_train_timesteps
+        # The bank has one bin per timestep of the scheduler the proxies train with.
+        timesteps = training_timesteps(config.model)
         self.proxies: list[Trainer] = []
         self.agc: list[AntiGradientControl] = []
         shared_base = bool(config.model.lora_rank)
