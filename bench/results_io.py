@@ -89,8 +89,10 @@ def same_seed_change(runs: list[dict], plain_runs: list[dict], key: str, togethe
 
 
 def write_json(out: Path, results: dict) -> None:
+    """`results` under this run's command line and commit, which come first (and replace any `results` carries)."""
+    stamp = provenance()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results | provenance(), indent=2) + "\n")
+    out.write_text(json.dumps(stamp | {k: v for k, v in results.items() if k not in stamp}, indent=2) + "\n")
 
 
 def write_results(out: Path, results: dict, table: list[str], echo: bool = True) -> None:
