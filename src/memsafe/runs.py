@@ -385,7 +385,7 @@ def _evaluate_held(run_dir: Path, config: RunConfig, progress: bool) -> Evaluati
     }
     save_nearest_grid(
         samples,
-        train_set.as_model_input(),
+        evaluation.reference.images,
         evaluation.neighbours.indices[:, 0],
         evaluation.ratios,
         run_dir / "nearest.png",
