@@ -9,7 +9,8 @@ duplicate's does: the unique images AGC skips most). Every distinct training emo
 - `loss`: the conditional loss; `gain+loss`: the two z-scored and added.
 
 Per signal: AUC of duplicated against unique, against the unique flags, and the share of unique images
-(flags) that score as memorized as the least memorized duplicate.
+(flags) that score as memorized as the least memorized duplicate. And, as AGC judges single draws, per draw:
+the share of unique draws each signal skips at the caption rule's share of duplicate draws (`per_draw_skips`).
 
     python bench/emoji_signal_auc.py DIR/runs/plain-0 [DIR2/runs/...] [--draws 8] [--out FILE]
 """
@@ -17,7 +18,9 @@ Per signal: AUC of duplicated against unique, against the unique flags, and the 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -33,6 +36,7 @@ from memsafe.runs import FinishedRun  # noqa: E402
 from memsafe.train.loss import per_sample_diffusion_loss  # noqa: E402
 
 WINDOW = (200, 500)
+SCORES = ("gain", "loss", "gain+loss")
 
 
 def nearest_other_caption(states: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -44,20 +48,54 @@ def nearest_other_caption(states: torch.Tensor, captions: list[str]) -> torch.Te
 
 @torch.no_grad()
 def log_losses(run: FinishedRun, images: torch.Tensor, conditions: dict[str, torch.Tensor], draws: int) -> dict:
-    """Mean over draws of each condition's log loss, every condition on the same noise and timesteps."""
+    """Each condition's log loss per draw (draws x images), every condition on the same noise and timesteps;
+    the timesteps under "t"."""
     scheduler = build_noise_scheduler(run.config.model)
     generator = torch.Generator().manual_seed(0)
-    total = {name: torch.zeros(len(images)) for name in conditions}
+    found = {name: [] for name in [*conditions, "t"]}
     for _ in range(draws):
         noise = torch.randn(images.shape, generator=generator)
         timesteps = torch.randint(*WINDOW, (len(images),), generator=generator)
+        found["t"].append(timesteps)
         for name, states in conditions.items():
             losses = [per_sample_diffusion_loss(run.unet, scheduler, images[rows], noise[rows], timesteps[rows],
                                                 snr_gamma=run.config.train.snr_gamma,
                                                 encoder_hidden_states=states[rows])[0]
                       for rows in torch.arange(len(images)).split(256)]
-            total[name] += torch.cat(losses).log() / draws
-    return total
+            found[name].append(torch.cat(losses).log())
+    return {name: torch.stack(values) for name, values in found.items()}
+
+
+def over_bank(log_values: torch.Tensor, timesteps: torch.Tensor, copies: torch.Tensor, bins: int = 10) -> torch.Tensor:
+    """Each draw's log value over its bank's. AGC's bank is a running mean over the draws of nearby timesteps,
+    so each image weighs as often as training draws it (`copies`); here the bank is that weighted mean over all
+    draws in the same of `bins` equal bins of the window."""
+    which = (timesteps - WINDOW[0]) * bins // (WINDOW[1] - WINDOW[0])
+    weights = copies.double().expand_as(log_values)
+    relative = torch.empty_like(log_values)
+    for b in range(bins):
+        here = which == b
+        bank = (log_values[here].exp() * weights[here]).sum() / weights[here].sum()
+        relative[here] = log_values[here] - bank.log()
+    return relative
+
+
+def per_draw_skips(logs: dict, dup: torch.Tensor, flag: torch.Tensor, copies: torch.Tensor,
+                   ratio: float = 1.02) -> dict:
+    """AGC judges single draws: at the share of the duplicates' draws that the caption profile's rule (gain
+    below bank / `ratio`) skips, the share of the unique images' draws (and the unique flags') that each
+    signal, thresholded to skip that same share of duplicate draws, skips too. gain+loss: each draw's
+    relative log gain and relative log loss, each over its spread across all draws, added."""
+    gain = over_bank(logs["own"] - logs["empty"], logs["t"], copies)
+    loss = over_bank(logs["own"], logs["t"], copies)
+    dup, flag = dup.expand_as(gain), flag.expand_as(gain)
+    share = (gain < -math.log(ratio)).double()[dup].mean().item()
+    found = {"dup_share": share, "log_spread_gain": gain.std().item(), "log_spread_loss": loss.std().item()}
+    for name, score in (("gain", gain), ("loss", loss), ("gain+loss", gain / gain.std() + loss / loss.std())):
+        skipped = score <= score[dup].quantile(share)
+        found[name] = {"unique": skipped[~dup].double().mean().item(),
+                       "unique_flags": skipped[~dup & flag].double().mean().item()}
+    return found
 
 
 def separation(memorized: torch.Tensor, dup: torch.Tensor, flag: torch.Tensor) -> dict:
@@ -79,7 +117,8 @@ def signals(run_dir: Path, draws: int) -> dict:
     states = run.encoder.encode(captions)
     conditions = {"own": states, "empty": run.encoder.encode([""]).expand_as(states),
                   "neighbour": states[nearest_other_caption(states, captions)]}
-    logs = log_losses(run, train_set.as_model_input()[distinct], conditions, draws)
+    per_draw = log_losses(run, train_set.as_model_input()[distinct], conditions, draws)
+    logs = {name: per_draw[name].mean(0) for name in conditions}
     empty_gain, neighbour_gain = logs["own"] - logs["empty"], logs["own"] - logs["neighbour"]
 
     def z(v: torch.Tensor) -> torch.Tensor:
@@ -88,7 +127,10 @@ def signals(run_dir: Path, draws: int) -> dict:
     found = {"empty_gain": empty_gain, "neighbour_gain": neighbour_gain, "loss": logs["own"],
              "gain+loss": z(empty_gain) + z(logs["own"])}
     dup, flag = flags[distinct], torch.tensor(["flag" in caption for caption in captions])
-    return {name: separation(-value, dup, flag) for name, value in found.items()}  # low reads memorized
+    copies_of = Counter(name.rsplit("-", 1)[0] for name in train_set.names)  # NNNNN-CC.png: copy CC of NNNNN
+    copies = torch.tensor([copies_of[train_set.names[i].rsplit("-", 1)[0]] for i in distinct])
+    return ({name: separation(-value, dup, flag) for name, value in found.items()}  # low reads memorized
+            | {"per_draw": per_draw_skips(per_draw, dup, flag, copies)})
 
 
 def main() -> None:
@@ -102,7 +144,14 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     table += [f"| {run} | {name} | {r['auc_dup_vs_unique']:.3f} | {r['auc_dup_vs_unique_flags']:.3f} | "
               f"{r['unique_as_memorized']:.2f} | {r['unique_flags_as_memorized']:.2f} |"
-              for run, by_signal in results.items() for name, r in by_signal.items()]
+              for run, by_signal in results.items() for name, r in by_signal.items() if name != "per_draw"]
+    table += ["", "Single draws, each signal skipping the share of duplicate draws the caption rule skips:", "",
+              "| run | dup. draws skipped | unique skipped: gain / loss / gain+loss | unique flags: gain / loss / gain+loss |",
+              "|---|---|---|---|"]
+    for run, by_signal in results.items():
+        d = by_signal["per_draw"]
+        table.append(f"| {run} | {d['dup_share']:.2f} | " + " / ".join(f"{d[n]['unique']:.3f}" for n in SCORES)
+                     + " | " + " / ".join(f"{d[n]['unique_flags']:.2f}" for n in SCORES) + " |")
     write_results(args.out, {"draws": args.draws, "window": list(WINDOW), "runs": results}, table)
 
 
