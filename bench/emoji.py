@@ -26,6 +26,7 @@ import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -150,6 +151,13 @@ def duplicated_flags(train: Path, names: list[str]) -> torch.Tensor:
 def distinct_emoji(train_set) -> list[int]:
     """The index of each distinct training emoji: its first copy (split_emoji names copies NNNNN-CC.png)."""
     return [i for i, name in enumerate(train_set.names) if name.endswith("-00.png")]
+
+
+def copies_per_emoji(train_set, distinct: list[int]) -> torch.Tensor:
+    """How many copies the training set holds of each emoji of `distinct` (NNNNN-CC.png: copy CC of NNNNN)."""
+    emoji = [name.rsplit("-", 1)[0] for name in train_set.names]
+    counts = Counter(emoji)
+    return torch.tensor([counts[emoji[i]] for i in distinct])
 
 
 def prompt_groups(train_set, holdout, dup: torch.Tensor, samples_per_group: int, seed: int):

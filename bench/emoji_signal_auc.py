@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emoji import distinct_emoji, duplicated_flags  # noqa: E402
+from emoji import copies_per_emoji, distinct_emoji, duplicated_flags  # noqa: E402
 from results_io import RESULTS, write_results  # noqa: E402
 
 from memsafe.data import load_dataset  # noqa: E402
@@ -127,10 +126,8 @@ def signals(run_dir: Path, draws: int) -> dict:
     found = {"empty_gain": empty_gain, "neighbour_gain": neighbour_gain, "loss": logs["own"],
              "gain+loss": z(empty_gain) + z(logs["own"])}
     dup, flag = flags[distinct], torch.tensor(["flag" in caption for caption in captions])
-    copies_of = Counter(name.rsplit("-", 1)[0] for name in train_set.names)  # NNNNN-CC.png: copy CC of NNNNN
-    copies = torch.tensor([copies_of[train_set.names[i].rsplit("-", 1)[0]] for i in distinct])
     return ({name: separation(-value, dup, flag) for name, value in found.items()}  # low reads memorized
-            | {"per_draw": per_draw_skips(per_draw, dup, flag, copies)})
+            | {"per_draw": per_draw_skips(per_draw, dup, flag, copies_per_emoji(train_set, distinct))})
 
 
 def main() -> None:
