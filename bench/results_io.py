@@ -88,6 +88,12 @@ def same_seed_change(runs: list[dict], plain_runs: list[dict], key: str, togethe
     return f"{(sum(ratios) / len(ratios) - 1) * 100:+.1f} % (seeds {len(ratios)})" if ratios else "-"
 
 
+def provenance_line() -> str:
+    stamp = provenance()
+    dirty = " (with uncommitted changes)" if stamp["uncommitted_changes"] else ""
+    return f"_`{stamp['command']}` at commit {stamp['git_commit'][:7]}{dirty}, {stamp['date']}._"
+
+
 def write_json(out: Path, results: dict) -> None:
     """`results` under this run's command line and commit, which come first (and replace any `results` carries)."""
     stamp = provenance()
@@ -96,7 +102,9 @@ def write_json(out: Path, results: dict) -> None:
 
 
 def write_results(out: Path, results: dict, table: list[str], echo: bool = True) -> None:
+    """The JSON file, and the markdown table beside it under the same provenance line (a table copied out of
+    its folder still names the command and commit it came from)."""
     write_json(out, results)
-    out.with_suffix(".md").write_text("\n".join(table) + "\n")
+    out.with_suffix(".md").write_text("\n".join(table + ["", provenance_line()]) + "\n")
     if echo:
         print("\n".join(table))
