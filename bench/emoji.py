@@ -34,7 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from iet import IET  # noqa: E402
 from iet import VARIANTS as IET_VARIANTS  # noqa: E402
-from results_io import RESULTS, add_run, previous_runs, same_seed_change, seed_summary, write_results  # noqa: E402
+from results_io import (RESULTS, add_run, previous_runs, run_name, same_seed_change, seed_summary,  # noqa: E402
+                        variant_and_seed, write_results)
 
 from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
@@ -209,7 +210,7 @@ def kept_run_probe(run: FinishedRun, samples_per_group: int) -> Probe:
     """The Probe this benchmark read a run it kept with (DIR/runs/VARIANT-SEED: the seed picks the prompts)."""
     train_set, holdout = load_dataset(run.config.data)
     flags = duplicated_flags(Path(run.config.data.source), train_set.names)
-    return Probe(run.config, train_set, holdout, flags, samples_per_group, int(run.dir.name.rsplit("-", 1)[1]))
+    return Probe(run.config, train_set, holdout, flags, samples_per_group, variant_and_seed(run.dir.name)[1])
 
 
 GRID_READINGS = ("dup_extracted_sscd", "dup_copy_rate_sscd", "fid")
@@ -310,7 +311,7 @@ def run_variant(name: str, seed: int, args, train: Path, holdout: Path, root: Pa
     steps = args.steps // IET["defense.iet_agc.shards"] if name == "plain_early_stop" else args.steps
     values = base_config(train, holdout, steps)
     config = merge(config_from_dict(values), VARIANTS[name] | (extra if name not in UNDEFENDED else {})
-                   | {"train.seed": seed, "output_dir": str(root / f"{name}-{seed}")})
+                   | {"train.seed": seed, "output_dir": str(root / run_name(name, seed))})
     trained_on = merge(config, {"data.source": str(train.parent / "train_dedup")}) if name == "plain_dedup" else config
     started = time.perf_counter()
     run_dir = train_run(trained_on, progress=sys.stderr.isatty())

@@ -16,7 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_io import METADATA, RESULTS, write_results  # noqa: E402
+from results_io import METADATA, RESULTS, variant_and_seed, write_results  # noqa: E402
 
 
 def mean_fid_by_seed(path: Path) -> dict[int, dict[float, float]]:
@@ -25,8 +25,8 @@ def mean_fid_by_seed(path: Path) -> dict[int, dict[float, float]]:
     for name, reading in json.loads(path.read_text()).items():
         if name in METADATA:
             continue
-        run = name.split(" @ ")[0]
-        found[int(run.rsplit("-", 1)[1])][reading["guidance"]] = reading["mean"]
+        run = Path(name.split(" @ ")[0]).name
+        found[variant_and_seed(run)[1]][reading["guidance"]] = reading["mean"]
     return dict(found)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from emoji import markdown, measure, summarise  # noqa: E402
-from results_io import add_run, previous_runs, write_results  # noqa: E402
+from results_io import add_run, previous_runs, variant_and_seed, write_results  # noqa: E402
 
 from memsafe.runs import load_run_config  # noqa: E402
 
@@ -23,13 +23,13 @@ STAMP = ("command", "git_commit", "uncommitted_changes")
 
 
 def remeasured(run_dir: Path, runs: dict[str, list[dict]], samples: int, scales: list[float]) -> tuple[str, dict]:
-    name, seed = run_dir.name.rsplit("-", 1)  # bench/emoji.py names a run <variant>-<seed>
-    old = next((r for r in runs.get(name, []) if r["seed"] == int(seed)), None)
+    name, seed = variant_and_seed(run_dir.name)
+    old = next((r for r in runs.get(name, []) if r["seed"] == seed), None)
     if old is None:
         raise SystemExit(f"{run_dir}: no run of {name!r} seed {seed} in the results file")
     kept = {key: old[key] for key in ("seed", "wall_s", "steps")}
     trained_by = old.get("trained_by", {key: old.get(key) for key in STAMP})
-    return name, kept | {"trained_by": trained_by} | measure(run_dir, load_run_config(run_dir), samples, int(seed), scales)
+    return name, kept | {"trained_by": trained_by} | measure(run_dir, load_run_config(run_dir), samples, seed, scales)
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from memsafe.metrics.fid import fid_with_features
 from memsafe.runs import read_status, run_heldout_loss, run_prompt_sampler, train_run
 from memsafe.train.checkpoint import latest_checkpoint, read_state
 from memsafe.train.hooks import TrainHook
-from results_io import RESULTS, without_metadata, write_results
+from results_io import RESULTS, run_name, without_metadata, write_results
 
 RECORD = "bench_record.json"  # a finished run's measurements, in its run directory
 
@@ -285,7 +285,7 @@ def main() -> None:
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         for name in runs:
             overrides = finetune_overrides(work, source, args.steps, scarce) | all_variants[name] | {
-                "train.seed": seed, "output_dir": str(work / f"{name}-{seed}")}
+                "train.seed": seed, "output_dir": str(work / run_name(name, seed))}
             config = merge(base, overrides)
             record = cached_record(Path(config.output_dir), settings(args))
             if record is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from memsafe.cli import demo_config_path
 from memsafe.config import load_config, merge
 from memsafe.runs import evaluate_run, train_run
-from results_io import RESULTS, add_run, previous_runs, same_seed_change, seed_summary, write_results
+from results_io import RESULTS, add_run, previous_runs, run_name, same_seed_change, seed_summary, write_results
 
 # The loss rule (profile "loss", what "auto" picks for these unconditional digits), pinned so that the emoji
 # benchmark's text model runs the same rule under these names
@@ -38,7 +38,7 @@ READINGS = METRICS  # what bench/merge_runs.py summarises
 
 
 def run_variant(name: str, seed: int, steps: int | None, root: Path, extra: dict | None = None) -> dict:
-    overrides = VARIANTS[name] | {"train.seed": seed, "output_dir": str(root / f"{name}-{seed}")}
+    overrides = VARIANTS[name] | {"train.seed": seed, "output_dir": str(root / run_name(name, seed))}
     if name != "plain":
         overrides |= extra or {}
     if steps:

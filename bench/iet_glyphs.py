@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import RESULTS, seed_summary, write_results  # noqa: E402
+from results_io import RESULTS, run_name, seed_summary, write_results  # noqa: E402
 
 from memsafe.config import config_from_dict  # noqa: E402
 from memsafe.data.glyphs import glyph_folder  # noqa: E402
@@ -37,7 +37,7 @@ READINGS = ("fid", "memorized_fraction", "copy_fraction", "skip_rate_last_round"
 def run(name: str, seed: int, data: Path, root: Path) -> dict:
     config = config_from_dict({"data": {"source": str(data), "holdout_images": 16},
                                "train": {"max_steps": 2400, "batch_size": 16, "seed": seed},
-                               "defense": VARIANTS[name], "output_dir": str(root / f"{name}-{seed}")})
+                               "defense": VARIANTS[name], "output_dir": str(root / run_name(name, seed))})
     run_dir = train_run(config, progress=False)
     metrics = evaluate_run(run_dir, progress=False).metrics
     rows = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]

@@ -55,6 +55,17 @@ def add_run(runs: dict[str, list[dict]], name: str, record: dict) -> None:
     runs[name] = with_run(runs.get(name, []), record)
 
 
+def run_name(variant: str, seed: int) -> str:
+    """The folder name the benchmarks give a run, and read its variant and seed back from (`variant_and_seed`)."""
+    return f"{variant}-{seed}"
+
+
+def variant_and_seed(name: str) -> tuple[str, int]:
+    """(variant, seed) of a run folder named by `run_name` (variant names may hold dashes; seeds do not)."""
+    variant, seed = name.rsplit("-", 1)
+    return variant, int(seed)
+
+
 def with_run(runs: list[dict], record: dict) -> list[dict]:
     """`runs` with `record` in place of any run of the same seed, by seed."""
     return sorted([r for r in runs if r["seed"] != record["seed"]] + [record], key=lambda r: r["seed"])
