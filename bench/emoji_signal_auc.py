@@ -10,7 +10,9 @@ duplicate's does: the unique images AGC skips most). Every distinct training emo
 
 Per signal: AUC of duplicated against unique, against the unique flags, and the share of unique images
 (flags) that score as memorized as the least memorized duplicate. And, as AGC judges single draws, per draw:
-the share of unique draws each signal skips at the caption rule's share of duplicate draws (`per_draw_skips`).
+the share of unique draws each signal skips at the caption rule's share of duplicate draws (`per_draw_skips`),
+and the shares a gain bank read on the held-out images would skip (`heldout_bank`: a threshold the duplicates
+do not pull down).
 
     python bench/emoji_signal_auc.py DIR/runs/plain-0 [DIR2/runs/...] [--draws 8] [--out FILE]
 """
@@ -97,6 +99,26 @@ def per_draw_skips(logs: dict, dup: torch.Tensor, flag: torch.Tensor, copies: to
     return found
 
 
+def heldout_bank_skips(logs: dict, heldout: dict, dup: torch.Tensor, flag: torch.Tensor, ratio: float = 1.02,
+                       bins: int = 10) -> dict:
+    """The candidate threshold that the duplicates do not set: each training draw's gain over the mean gain of
+    held-out images' draws in the same timestep bin (a bank read on images never trained on), skipped below
+    bank / `ratio`. The share of duplicate, unique, unique-flag (and held-out) draws it would skip on this model."""
+    def bin_of(timesteps: torch.Tensor) -> torch.Tensor:
+        return (timesteps - WINDOW[0]) * bins // (WINDOW[1] - WINDOW[0])
+
+    def skipped(found: dict) -> torch.Tensor:
+        return (found["own"] - found["empty"]) < threshold[bin_of(found["t"])]
+
+    gain_heldout, bin_heldout = heldout["own"] - heldout["empty"], bin_of(heldout["t"])
+    threshold = torch.stack([(gain_heldout[bin_heldout == b].exp().mean() / ratio).log() for b in range(bins)])
+    train = skipped(logs)
+    dup, flag = dup.expand_as(train), flag.expand_as(train)
+    return {"dup": train[dup].double().mean().item(), "unique": train[~dup].double().mean().item(),
+            "unique_flags": train[~dup & flag].double().mean().item(),
+            "heldout": skipped(heldout).double().mean().item()}
+
+
 def separation(memorized: torch.Tensor, dup: torch.Tensor, flag: torch.Tensor) -> dict:
     """`memorized`: higher reads more memorized."""
     unique, floor = ~dup, memorized[dup].min()
@@ -109,7 +131,7 @@ def separation(memorized: torch.Tensor, dup: torch.Tensor, flag: torch.Tensor) -
 
 def signals(run_dir: Path, draws: int) -> dict:
     run = FinishedRun(run_dir)
-    train_set, _ = load_dataset(run.config.data)
+    train_set, holdout = load_dataset(run.config.data)
     flags = duplicated_flags(Path(run.config.data.source), train_set.names)
     distinct = distinct_emoji(train_set)
     captions = [train_set.captions[i] for i in distinct]
@@ -126,8 +148,13 @@ def signals(run_dir: Path, draws: int) -> dict:
     found = {"empty_gain": empty_gain, "neighbour_gain": neighbour_gain, "loss": logs["own"],
              "gain+loss": z(empty_gain) + z(logs["own"])}
     dup, flag = flags[distinct], torch.tensor(["flag" in caption for caption in captions])
+    heldout_states = run.encoder.encode(holdout.captions)
+    heldout = log_losses(run, holdout.as_model_input(), {"own": heldout_states,
+                                                         "empty": run.encoder.encode([""]).expand_as(heldout_states)},
+                         draws)
     return ({name: separation(-value, dup, flag) for name, value in found.items()}  # low reads memorized
-            | {"per_draw": per_draw_skips(per_draw, dup, flag, copies_per_emoji(train_set, distinct))})
+            | {"per_draw": per_draw_skips(per_draw, dup, flag, copies_per_emoji(train_set, distinct))
+               | {"heldout_bank": heldout_bank_skips(per_draw, heldout, dup, flag)}})
 
 
 def main() -> None:
@@ -149,6 +176,10 @@ def main() -> None:
         d = by_signal["per_draw"]
         table.append(f"| {run} | {d['dup_share']:.2f} | " + " / ".join(f"{d[n]['unique']:.3f}" for n in SCORES)
                      + " | " + " / ".join(f"{d[n]['unique_flags']:.2f}" for n in SCORES) + " |")
+    table += ["", "The gain against a bank of held-out images' gains (bank / 1.02), on the same draws:", "",
+              "| run | dup. draws skipped | unique | unique flags | held-out draws below |", "|---|---|---|---|---|"]
+    table += [f"| {run} | {h['dup']:.2f} | {h['unique']:.3f} | {h['unique_flags']:.2f} | {h['heldout']:.2f} |"
+              for run, by_signal in results.items() for h in [by_signal["per_draw"]["heldout_bank"]]]
     write_results(args.out, {"draws": args.draws, "window": list(WINDOW), "runs": results}, table)
 
 
