@@ -67,11 +67,21 @@ def log_losses(run: FinishedRun, images: torch.Tensor, conditions: dict[str, tor
     return {name: torch.stack(values) for name, values in found.items()}
 
 
+def window_bin(timesteps: torch.Tensor, bins: int) -> torch.Tensor:
+    """Which of `bins` equal bins of the window each timestep falls in (a bank's stand-in for nearby t)."""
+    return (timesteps - WINDOW[0]) * bins // (WINDOW[1] - WINDOW[0])
+
+
+def log_gain(logs: dict) -> torch.Tensor:
+    """The caption's gain (AGC's `caption_gain`), in log: the own caption's log loss minus the empty one's."""
+    return logs["own"] - logs["empty"]
+
+
 def over_bank(log_values: torch.Tensor, timesteps: torch.Tensor, copies: torch.Tensor, bins: int = 10) -> torch.Tensor:
     """Each draw's log value over its bank's. AGC's bank is a running mean over the draws of nearby timesteps,
     so each image weighs as often as training draws it (`copies`); here the bank is that weighted mean over all
     draws in the same of `bins` equal bins of the window."""
-    which = (timesteps - WINDOW[0]) * bins // (WINDOW[1] - WINDOW[0])
+    which = window_bin(timesteps, bins)
     weights = copies.double().expand_as(log_values)
     relative = torch.empty_like(log_values)
     for b in range(bins):
@@ -87,7 +97,7 @@ def per_draw_skips(logs: dict, dup: torch.Tensor, flag: torch.Tensor, copies: to
     below bank / `ratio`) skips, the share of the unique images' draws (and the unique flags') that each
     signal, thresholded to skip that same share of duplicate draws, skips too. gain+loss: each draw's
     relative log gain and relative log loss, each over its spread across all draws, added."""
-    gain = over_bank(logs["own"] - logs["empty"], logs["t"], copies)
+    gain = over_bank(log_gain(logs), logs["t"], copies)
     loss = over_bank(logs["own"], logs["t"], copies)
     dup, flag = dup.expand_as(gain), flag.expand_as(gain)
     share = (gain < -math.log(ratio)).double()[dup].mean().item()
@@ -104,14 +114,12 @@ def heldout_bank_skips(logs: dict, heldout: dict, dup: torch.Tensor, flag: torch
     """The candidate threshold that the duplicates do not set: each training draw's gain over the mean gain of
     held-out images' draws in the same timestep bin (a bank read on images never trained on), skipped below
     bank / `ratio`. The share of duplicate, unique, unique-flag (and held-out) draws it would skip on this model."""
-    def bin_of(timesteps: torch.Tensor) -> torch.Tensor:
-        return (timesteps - WINDOW[0]) * bins // (WINDOW[1] - WINDOW[0])
+    gain_heldout, bin_heldout = log_gain(heldout), window_bin(heldout["t"], bins)
+    threshold = torch.stack([(gain_heldout[bin_heldout == b].exp().mean() / ratio).log() for b in range(bins)])
 
     def skipped(found: dict) -> torch.Tensor:
-        return (found["own"] - found["empty"]) < threshold[bin_of(found["t"])]
+        return log_gain(found) < threshold[window_bin(found["t"], bins)]
 
-    gain_heldout, bin_heldout = heldout["own"] - heldout["empty"], bin_of(heldout["t"])
-    threshold = torch.stack([(gain_heldout[bin_heldout == b].exp().mean() / ratio).log() for b in range(bins)])
     train = skipped(logs)
     dup, flag = dup.expand_as(train), flag.expand_as(train)
     return {"dup": train[dup].double().mean().item(), "unique": train[~dup].double().mean().item(),
@@ -135,12 +143,12 @@ def signals(run_dir: Path, draws: int) -> dict:
     flags = duplicated_flags(Path(run.config.data.source), train_set.names)
     distinct = distinct_emoji(train_set)
     captions = [train_set.captions[i] for i in distinct]
-    states = run.encoder.encode(captions)
-    conditions = {"own": states, "empty": run.encoder.encode([""]).expand_as(states),
+    states, empty = run.encoder.encode(captions), run.encoder.encode([""])
+    conditions = {"own": states, "empty": empty.expand_as(states),
                   "neighbour": states[nearest_other_caption(states, captions)]}
     per_draw = log_losses(run, train_set.as_model_input()[distinct], conditions, draws)
     logs = {name: per_draw[name].mean(0) for name in conditions}
-    empty_gain, neighbour_gain = logs["own"] - logs["empty"], logs["own"] - logs["neighbour"]
+    empty_gain, neighbour_gain = log_gain(logs), logs["own"] - logs["neighbour"]
 
     def z(v: torch.Tensor) -> torch.Tensor:
         return (v - v.mean()) / v.std()
@@ -149,9 +157,8 @@ def signals(run_dir: Path, draws: int) -> dict:
              "gain+loss": z(empty_gain) + z(logs["own"])}
     dup, flag = flags[distinct], torch.tensor(["flag" in caption for caption in captions])
     heldout_states = run.encoder.encode(holdout.captions)
-    heldout = log_losses(run, holdout.as_model_input(), {"own": heldout_states,
-                                                         "empty": run.encoder.encode([""]).expand_as(heldout_states)},
-                         draws)
+    heldout = log_losses(run, holdout.as_model_input(),
+                         {"own": heldout_states, "empty": empty.expand_as(heldout_states)}, draws)
     return ({name: separation(-value, dup, flag) for name, value in found.items()}  # low reads memorized
             | {"per_draw": per_draw_skips(per_draw, dup, flag, copies_per_emoji(train_set, distinct))
                | {"heldout_bank": heldout_bank_skips(per_draw, heldout, dup, flag)}})
