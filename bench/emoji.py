@@ -81,6 +81,10 @@ VARIANTS["iet_agc_plus_caption_mid_half"] = VARIANTS["iet_agc_plus_caption_mid"]
 VARIANTS["iet_agc_plus_caption_late_half"] = VARIANTS["iet_agc_plus_caption_mid_half"] | {
     "defense.iet_agc.agc_timesteps": [500, 800]}
 # ... read at t = 200-500 only (the late band above held the duplicates back far less): iet_agc_plus above
+# ... with hysteresis: a skipped emoji stays skipped until a reading of its gain is back at the bank's mean
+# (the default's hold-back eroded at twice the budget, where duplicates passed whenever a reading drifted over
+# bank / lambda)
+VARIANTS["iet_agc_plus_release"] = VARIANTS["iet_agc_plus"] | {"defense.iet_agc.agc_release": 1.0}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

@@ -9,9 +9,9 @@ from memsafe.cli import main
 from memsafe.config import merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
-from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio, caption_gain
+from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, caption_gain
 from memsafe.defenses.iet_agc.augment import augment_batch, augmentation_strength
-from memsafe.defenses.iet_agc.config import IETConfig
+from memsafe.defenses.iet_agc.config import IETConfig, agc_ratio
 from memsafe.defenses.iet_agc.driver import IETTrainer, OuterStep
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
@@ -172,6 +172,8 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
          "lies past the scheduler's 1000 training timesteps: AGC would read no draw"),
         ({"name": "iet_agc", "iet_agc": {"shards": 2}, "max_steps": 10}, "all within train.warmup_steps 5"),
         ({"name": "iet_agc", "iet_agc": {"profile": "strict"}}, "profile must be auto or one of loss, caption, reference"),
+        ({"name": "iet_agc", "iet_agc": {"agc_ratio": 1.25, "agc_release": 0.7}},
+         "agc_release 0.7 is below the skipping threshold 1 / agc_ratio (0.8)"),
     ],
 )
 def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message):
@@ -247,6 +249,40 @@ def test_smoothed_agc_skips_a_persistently_low_sample_not_one_low_draw():
     reference = AntiGradientControl(bank, SampleLedger(2), ratio=2.0)
     bank.values.fill_(1.0)
     assert reference.on_losses(torch.tensor([0.2, 1.0]), batch, None).tolist() == [0.0, 1.0]  # one draw decides
+
+
+def test_agc_with_release_holds_a_skipped_sample_until_it_is_back_at_the_bank():
+    """Hysteresis: a sample skipped at 0.7 (threshold 1 / 1.25 = 0.8) stays skipped at 0.9 and is trained again
+    only once a reading reaches the bank (1.0); without `release` a reading of 0.9 alone decides."""
+    readings = [0.7, 0.9, 0.85, 1.0, 0.9, 0.7]
+    kept = {}
+    for release in (None, 1.0):
+        bank = LossBank(num_timesteps=10, decay=0.0)
+        ledger = SampleLedger(2)
+        agc = AntiGradientControl(bank, ledger, ratio=1.25, release=release)
+        batch = {"index": torch.tensor([0, 1]), "timesteps": torch.tensor([3, 3])}
+        kept[release] = []
+        for reading in readings:
+            bank.values.fill_(1.0)  # a fixed running mean: the relative losses are the draws
+            weights = agc.on_losses(torch.tensor([reading, 1.1]), batch, None)
+            kept[release].append(weights[0].item())
+            assert weights[1].item() == 1.0  # an ordinary sample is never held
+        assert ledger.flagged.tolist() == [True, False]  # the last reading, 0.7, skipped sample 0 either way
+    assert kept[None] == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert kept[1.0] == [0.0, 0.0, 0.0, 1.0, 1.0, 0.0]
+
+
+def test_a_held_sample_leaves_the_batch_before_the_forward_pass_until_a_reading_releases_it():
+    """A draw AGC does not read is judged on its sample's last reading and, under hysteresis, its flag."""
+    bank = LossBank(num_timesteps=10, decay=0.0)
+    ledger = SampleLedger(2)
+    agc = AntiGradientControl(bank, ledger, ratio=1.25, timesteps=(0, 5), release=1.0)
+    read = {"index": torch.tensor([0, 1]), "timesteps": torch.tensor([3, 3])}
+    unread = {"index": torch.tensor([0, 1]), "timesteps": torch.tensor([7, 7]), "pixels": torch.zeros(2, 1, 2, 2)}
+    for reading, passing in ((0.7, [1]), (0.9, [1]), (1.05, [0, 1])):  # 0.9: over bank / 1.25, under the release
+        bank.values.fill_(1.0)
+        agc.on_losses(torch.tensor([reading, 1.1]), read, None)
+        assert agc.on_batch_start(unread, None)["index"].tolist() == passing
 
 
 def test_outer_step_is_nesterov_sgd_on_the_rounds_pseudo_gradient():

@@ -14,16 +14,9 @@ from memsafe.train.loss import per_sample_diffusion_loss
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
 
-    from memsafe.config import RunConfig
 
-
-def agc_ratio(config: RunConfig) -> float:
-    """lambda: the configured value, else the reference code's 2.0 from scratch and 1.25 for fine-tuning."""
-    ratio = config.defense.iet_agc.agc_ratio
-    return ratio if ratio is not None else (1.25 if config.model.pretrained else 2.0)
-
-
-STATE = ("skips", "visits", "round_skips", "round_visits", "relative_loss", "smoothed")
+STATE = ("skips", "visits", "round_skips", "round_visits", "relative_loss", "smoothed", "flagged")
+LAST_READING = ("relative_loss", "smoothed", "flagged")  # per sample, as the process that visited it last left it
 
 
 class SampleLedger:
@@ -38,6 +31,7 @@ class SampleLedger:
         self.relative_loss = torch.full((num_items,), math.inf)  # loss / bank[t] at the last visit
         # EMA over a sample's visits of its relative loss (`smoothing` the weight of the past; 0: the last visit)
         self.smoothed = torch.full((num_items,), math.inf)
+        self.flagged = torch.zeros(num_items, dtype=torch.bool)  # skipped at its last reading (AGC's hysteresis)
 
     def start_round(self) -> None:
         self.round_skips.zero_()
@@ -57,6 +51,7 @@ class SampleLedger:
         measured = ~relative.isnan()  # only readings are stored: a sample drawn twice keeps a reading over none
         self.smoothed[index[measured]] = self.smooth(index, relative)[measured].float()
         self.relative_loss[index[measured]] = relative[measured].float()
+        self.flagged[index[measured]] = ~kept[measured]
 
     def end_round(self, accelerator: Accelerator | None = None) -> None:
         """Adds the round to the totals. Each process saw only its proxies' shards: the round counts are
@@ -64,10 +59,10 @@ class SampleLedger:
         if accelerator is not None and accelerator.num_processes > 1:
             visited = self.round_visits > 0
             counts = accelerator.reduce(torch.stack([self.round_visits, self.round_skips]), reduction="sum")
-            for key in ("relative_loss", "smoothed"):
+            for key in LAST_READING:
                 value = getattr(self, key)
                 summed = accelerator.reduce(torch.where(visited, value.double(), 0.0), reduction="sum")
-                setattr(self, key, torch.where(counts[0] > 0, summed.float(), value))
+                setattr(self, key, torch.where(counts[0] > 0, summed.to(value.dtype), value))
             self.round_visits.copy_(counts[0])
             self.round_skips.copy_(counts[1])
         self.visits += self.round_visits
@@ -80,7 +75,7 @@ class SampleLedger:
         return {k: getattr(self, k) for k in STATE}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():  # a checkpoint from before `smoothed` existed leaves it unset
+        for key, value in state.items():  # a checkpoint from before `smoothed` or `flagged` leaves it unset
             getattr(self, key).copy_(value)
 
 
@@ -118,13 +113,20 @@ class AntiGradientControl(TrainHook):
     A draw AGC does not read (its timestep outside `timesteps`, or, for the caption gain, its caption dropped)
     is judged on its sample's earlier reading; when that skips it, it leaves the batch before the forward pass.
     With `read_share` < 1 only that share of the draws it could read, chosen at random, is read; the rest are
-    judged the same way, so a sample whose last reading skipped it mostly costs nothing until it is read again."""
+    judged the same way, so a sample whose last reading skipped it mostly costs nothing until it is read again.
+
+    With `release` set, the rule has hysteresis: a sample its last reading skipped stays skipped until a reading
+    is back at `release` times the bank (1.0: the bank's running mean), not merely above bank / lambda. A
+    duplicate held just under the threshold otherwise passes on every reading that noise or drift lifts over it,
+    trains, and falls back: the longer the run, the more of it is learned."""
 
     name = "agc"
 
     def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss",
-                 timesteps: tuple[int, int] | None = None, read_share: float = 1.0, seed: int = 0):
+                 timesteps: tuple[int, int] | None = None, read_share: float = 1.0, seed: int = 0,
+                 release: float | None = None):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
+        self.release = release
         self.signal = signal
         self.timesteps = timesteps
         self.read_share = read_share
@@ -181,7 +183,10 @@ class AntiGradientControl(TrainHook):
 
     def skips(self, score: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The rule: which draws (of the samples `index`) a score (relative loss or gain) skips."""
-        return score * self.ratio < 1.0
+        below = score * self.ratio < 1.0
+        if self.release is None:
+            return below
+        return torch.where(self.ledger.flagged[index], score < self.release, below)
 
     def take_skip_rate(self) -> float:
         rate = 1.0 - self.kept / self.seen if self.seen else 0.0

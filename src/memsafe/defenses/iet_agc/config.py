@@ -64,6 +64,10 @@ class IETConfig:
     # the reference code's single draw, which cost +74 % FID on the digits where 0.8 gained 31 %
     # (docs/research/iet-agc.md); the caption gain is read on single draws.
     agc_smoothing: float | None = None
+    # Hysteresis: a sample AGC skipped stays skipped until a reading of it is back at this multiple of the bank
+    # (1.0: the bank's running mean; at least 1 / agc_ratio). None: each reading is judged against bank / lambda
+    # alone, the reference's rule, under which the caption profile's hold-back eroded at twice the emoji budget.
+    agc_release: float | None = None
     # The outer step (DiLoCo's outer Nesterov optimizer): the round's averaged change is a pseudo-gradient
     # stepped with this learning rate and momentum. 1.0 and 0.0: the global model is the proxies' plain mean.
     outer_learning_rate: float = 1.0
@@ -77,6 +81,12 @@ class IETConfig:
     augment_max_shift: float = 0.03
     augment_max_jitter: float = 0.05
     PROFILES: ClassVar[dict[str, dict]] = PROFILES
+
+
+def agc_ratio(config: RunConfig) -> float:
+    """lambda: the configured value, else the reference code's 2.0 from scratch and 1.25 for fine-tuning."""
+    ratio = config.defense.iet_agc.agc_ratio
+    return ratio if ratio is not None else (1.25 if config.model.pretrained else 2.0)
 
 
 def resolve_profile(iet: IETConfig, text_conditional: bool, num_timesteps: int = 1000) -> None:
@@ -149,6 +159,12 @@ def validate(config: RunConfig) -> None:
         )
     if not 0.0 < iet.agc_read_share <= 1.0:
         raise MemsafeError(f"{where}.agc_read_share must be in (0, 1], got {iet.agc_read_share}")
+    if iet.agc_release is not None and iet.agc_release * agc_ratio(config) < 1.0:
+        raise MemsafeError(
+            f"{where}.agc_release {iet.agc_release} is below the skipping threshold 1 / agc_ratio "
+            f"({1 / agc_ratio(config):.4g}): a skipped sample would be released by a reading that skips it; use a "
+            "value at or above it (1.0: back at the bank's mean)"
+        )
     if not 0.0 <= iet.agc_smoothing < 1.0:
         raise MemsafeError(f"{where}.agc_smoothing must be in [0, 1), got {iet.agc_smoothing}")
     if iet.outer_learning_rate <= 0.0:

@@ -14,9 +14,9 @@ from accelerate.utils import gather_object
 from memsafe.config import RunConfig
 from memsafe.data.images import ImageSet
 from memsafe.defenses.contract import HookMaker
-from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, agc_ratio
+from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger
 from memsafe.defenses.iet_agc.augment import LossDrivenAugmentation
-from memsafe.defenses.iet_agc.config import schedule, small_shard_warning
+from memsafe.defenses.iet_agc.config import agc_ratio, schedule, small_shard_warning
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
 from memsafe.models.unet import training_timesteps
@@ -115,7 +115,7 @@ class IETTrainer:
             bank = LossBank(timesteps, iet.bank_decay, start_at_first=iet.agc_signal != "loss")
             agc = AntiGradientControl(bank, self.ledger, self.ratio, skip=iet.agc, signal=iet.agc_signal,
                                       timesteps=iet.agc_timesteps, read_share=iet.agc_read_share,
-                                      seed=config.train.seed * 1000 + shard)
+                                      seed=config.train.seed * 1000 + shard, release=iet.agc_release)
             hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
             self.agc.append(agc)
             self.proxies.append(
