@@ -9,7 +9,7 @@ from memsafe.cli import main
 from memsafe.config import merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
-from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, caption_gain
+from memsafe.defenses.iet_agc.agc import LOSS_WEIGHT, AntiGradientControl, LossBank, SampleLedger, caption_gain
 from memsafe.defenses.iet_agc.augment import augment_batch, augmentation_strength
 from memsafe.defenses.iet_agc.config import IETConfig, agc_ratio
 from memsafe.defenses.iet_agc.driver import IETTrainer, OuterStep
@@ -165,7 +165,7 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
         ({"name": "iet_agc", "iet_agc": {"shards": 10, "local_steps": 100}, "max_steps": 1000},
          "gives 1 round(s), and IET-AGC+ needs at least 5 to learn: raise train.max_steps to 5000"),
         ({"name": "iet_agc", "iet_agc": {"rounds": 5, "local_steps": 5}}, "set rounds or local_steps, not both"),
-        ({"name": "iet_agc", "iet_agc": {"agc_signal": "gain"}}, "agc_signal must be loss or caption_gain, got 'gain'"),
+        ({"name": "iet_agc", "iet_agc": {"agc_signal": "gain"}}, "agc_signal must be loss, caption_gain or caption_gain_loss, got 'gain'"),
         ({"name": "iet_agc", "iet_agc": {"agc_signal": "caption_gain"}}, "caption_gain needs a text-conditional model"),
         ({"name": "iet_agc", "iet_agc": {"agc_timesteps": [500, 200]}}, "agc_timesteps must be [low, high)"),
         ({"name": "iet_agc", "iet_agc": {"agc_timesteps": [1000, 2000]}},
@@ -338,6 +338,32 @@ def test_caption_gain_is_the_loss_over_the_empty_caption_loss_and_skips_on_it(ti
     agc = AntiGradientControl(bank, SampleLedger(len(train_set)), ratio=1.05, signal="caption_gain")
     kept = agc.on_losses(losses, batch, trainer)
     assert kept.cpu().bool().tolist() == dropped.cpu().tolist()
+
+
+def test_caption_gain_loss_scores_the_gain_times_the_loss_to_its_weight_each_over_its_own_bank(tiny_config):
+    """caption_gain_loss: (gain / gain bank[t]) x (loss / loss bank[t]) ** LOSS_WEIGHT, both banks fed after."""
+    config = merge(tiny_config, {"model.conditioning": "text", "train.caption_dropout": 0.5, "train.max_steps": 10})
+    train_set, _ = load_dataset(config.data)
+    trainer = Trainer(config, train_set)
+    trainer.fit(progress=False)
+    batch = trainer.next_batch()
+    read = ~batch["caption_dropped"].cpu()
+    with torch.no_grad():
+        losses, _ = per_sample_diffusion_loss(trainer.unet, trainer.noise_scheduler, batch["pixels"], batch["noise"],
+                                              batch["timesteps"], **batch["model_kwargs"])
+    gain = caption_gain(losses, batch, trainer, read).cpu()
+    timesteps = batch["timesteps"].cpu()
+    bank = LossBank(trainer.noise_scheduler.config.num_train_timesteps, 0.8, start_at_first=True)
+    agc = AntiGradientControl(bank, SampleLedger(len(train_set)), ratio=1.05, signal="caption_gain_loss")
+    bank.values[timesteps] = 0.9
+    agc.loss_bank.values[timesteps] = 2.0 * losses.cpu().double().mean()
+    expected = (gain / 0.9) * (losses.cpu() / agc.loss_bank.values[timesteps]) ** LOSS_WEIGHT
+    kept = agc.on_losses(losses, batch, trainer).cpu().bool()
+    relative = agc.ledger.relative_loss[batch["index"].cpu()]
+    torch.testing.assert_close(relative[read], expected[read].float())
+    assert kept[~read].all() and kept[read].tolist() == (expected[read] * 1.05 >= 1.0).tolist()
+    assert (agc.loss_bank.values[timesteps[read]] != 2.0 * losses.cpu().double().mean()).all()  # fed after
+    assert "loss_bank" in agc.state_dict()
 
 
 def test_agc_reads_its_timesteps_only_and_drops_draws_its_record_skips_before_the_forward_pass(tiny_config):

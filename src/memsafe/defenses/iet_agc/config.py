@@ -49,6 +49,8 @@ class IETConfig:
     # What AGC compares with its per-timestep bank: "loss" (the reference code), or "caption_gain", the loss
     # over the same draw's loss with the empty caption (text-conditional models; one more forward pass, no
     # gradient, per batch). The gain sits near 1, so its lambda sits near 1 too (1.02-1.05; lower is stricter).
+    # "caption_gain_loss": the relative gain times the relative loss to the power 0.25 (agc.LOSS_WEIGHT), each
+    # over its own bank: the loss also catches an image learned without its caption, which the gain cannot see.
     agc_signal: str | None = None
     # [low, high): the timesteps at which AGC reads its signal (None after the profile: all; [0, 1000] says
     # all under the caption profile). A draw elsewhere is judged on its
@@ -144,10 +146,10 @@ def validate(config: RunConfig) -> None:
             "off by 4.8x the VAE's own reconstruction error; docs/stable-diffusion.md), so latent runs augment by "
             "shifts only: set augment_flip: false"
         )
-    if iet.agc_signal not in ("loss", "caption_gain"):
-        raise MemsafeError(f"{where}.agc_signal must be loss or caption_gain, got {iet.agc_signal!r}")
-    if iet.agc_signal == "caption_gain" and config.model.conditioning != "text":
-        raise MemsafeError(f"{where}.agc_signal caption_gain needs a text-conditional model (model.conditioning: text)")
+    if iet.agc_signal not in ("loss", "caption_gain", "caption_gain_loss"):
+        raise MemsafeError(f"{where}.agc_signal must be loss, caption_gain or caption_gain_loss, got {iet.agc_signal!r}")
+    if iet.agc_signal != "loss" and config.model.conditioning != "text":
+        raise MemsafeError(f"{where}.agc_signal {iet.agc_signal} needs a text-conditional model (model.conditioning: text)")
     if iet.agc_timesteps is not None and not (
         len(iet.agc_timesteps) == 2 and 0 <= iet.agc_timesteps[0] < iet.agc_timesteps[1]
     ):
