@@ -312,6 +312,9 @@ def test_a_bank_that_starts_at_its_first_reading_reads_one_at_once():
     assert bank.values[3].item() == pytest.approx(0.9) and bank.values[4].item() == 0.0  # NaN: not measured
     bank.update(torch.tensor([0.4]), torch.tensor([3]))
     assert bank.values[3].item() == pytest.approx(0.8 * 0.9 + 0.2 * 0.4)
+    geometric = LossBank(10, decay=0.8, start_at_first=True, geometric=True)
+    geometric.update(torch.tensor([0.9, 0.4]), torch.tensor([3, 3]))
+    assert geometric.values[3].item() == pytest.approx(math.exp(0.8 * math.log(0.9) + 0.2 * math.log(0.4)))
 
 
 def test_caption_gain_is_the_loss_over_the_empty_caption_loss_and_skips_on_it(tiny_config):

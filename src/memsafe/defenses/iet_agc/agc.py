@@ -90,13 +90,16 @@ class SampleLedger:
 class LossBank:
     """Running per-timestep loss of one proxy, as in the reference: starts at 0, EMA with `decay`."""
 
-    def __init__(self, num_timesteps: int, decay: float, start_at_first: bool = False):
+    def __init__(self, num_timesteps: int, decay: float, start_at_first: bool = False, geometric: bool = False):
         self.values = torch.zeros(num_timesteps, dtype=torch.float64)
         self.decay = decay
         # The reference starts every timestep at 0, so a sample is never skipped until the bank has filled. A
         # signal near 1 (the caption gain) would read 1/0.2 after one visit and take ~30 visits of each t to
         # settle: such a bank starts at its first reading instead.
         self.start_at_first = start_at_first
+        # An EMA of the log readings (a running geometric mean): one draw's loss is skewed (log spread 0.45), so
+        # its running mean sits above the typical draw, and a rule against it would skip most ordinary draws.
+        self.geometric = geometric
 
     def relative(self, losses: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         bank = self.values[timesteps]
@@ -110,6 +113,8 @@ class LossBank:
                 continue
             if self.start_at_first and self.values[t] == 0:
                 self.values[t] = loss
+            elif self.geometric:
+                self.values[t] = self.values[t] ** self.decay * max(loss, 1e-30) ** (1 - self.decay)
             else:
                 self.values[t] = self.decay * self.values[t] + (1 - self.decay) * loss
 
@@ -136,7 +141,9 @@ class AntiGradientControl(TrainHook):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
         self.release = release
         # caption_gain_loss: the loss's own per-timestep bank, beside the gain's
-        self.loss_bank = LossBank(len(bank.values), bank.decay, start_at_first=True) if signal == "caption_gain_loss" else None
+        self.loss_bank = None
+        if signal == "caption_gain_loss":
+            self.loss_bank = LossBank(len(bank.values), bank.decay, start_at_first=True, geometric=True)
         self.signal = signal
         self.timesteps = timesteps
         self.read_share = read_share

@@ -50,7 +50,8 @@ class IETConfig:
     # over the same draw's loss with the empty caption (text-conditional models; one more forward pass, no
     # gradient, per batch). The gain sits near 1, so its lambda sits near 1 too (1.02-1.05; lower is stricter).
     # "caption_gain_loss": the relative gain times the relative loss to the power 0.25 (agc.LOSS_WEIGHT), each
-    # over its own bank: the loss also catches an image learned without its caption, which the gain cannot see.
+    # over its own bank (the loss's a running geometric mean): the loss also catches an image learned without
+    # its caption, which the gain cannot see.
     agc_signal: str | None = None
     # [low, high): the timesteps at which AGC reads its signal (None after the profile: all; [0, 1000] says
     # all under the caption profile). A draw elsewhere is judged on its
