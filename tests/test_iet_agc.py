@@ -315,6 +315,9 @@ def test_a_bank_that_starts_at_its_first_reading_reads_one_at_once():
     geometric = LossBank(10, decay=0.8, start_at_first=True, geometric=True)
     geometric.update(torch.tensor([0.9, 0.4]), torch.tensor([3, 3]))
     assert geometric.values[3].item() == pytest.approx(math.exp(0.8 * math.log(0.9) + 0.2 * math.log(0.4)))
+    binned = LossBank(1000, decay=0.0, bins=100)
+    binned.update(torch.tensor([0.5]), torch.tensor([203]))
+    assert binned.values[20].item() == 0.5 and binned.relative(torch.tensor([1.0]), torch.tensor([209])).item() == 2.0
 
 
 def test_caption_gain_is_the_loss_over_the_empty_caption_loss_and_skips_on_it(tiny_config):
@@ -359,13 +362,14 @@ def test_caption_gain_loss_scores_the_gain_times_the_loss_to_its_weight_each_ove
     bank = LossBank(trainer.noise_scheduler.config.num_train_timesteps, 0.8, start_at_first=True)
     agc = AntiGradientControl(bank, SampleLedger(len(train_set)), ratio=1.05, signal="caption_gain_loss")
     bank.values[timesteps] = 0.9
-    agc.loss_bank.values[timesteps] = 2.0 * losses.cpu().double().mean()
-    expected = (gain / 0.9) * (losses.cpu() / agc.loss_bank.values[timesteps]) ** LOSS_WEIGHT
+    loss_bins = agc.loss_bank.bin(timesteps)
+    agc.loss_bank.values[loss_bins] = 2.0 * losses.cpu().double().mean()
+    expected = (gain / 0.9) * (losses.cpu() / agc.loss_bank.values[loss_bins]) ** LOSS_WEIGHT
     kept = agc.on_losses(losses, batch, trainer).cpu().bool()
     relative = agc.ledger.relative_loss[batch["index"].cpu()]
     torch.testing.assert_close(relative[read], expected[read].float())
     assert kept[~read].all() and kept[read].tolist() == (expected[read] * 1.05 >= 1.0).tolist()
-    assert (agc.loss_bank.values[timesteps[read]] != 2.0 * losses.cpu().double().mean()).all()  # fed after
+    assert (agc.loss_bank.values[loss_bins[read]] != 2.0 * losses.cpu().double().mean()).all()  # fed after
     assert "loss_bank" in agc.state_dict()
 
 
