@@ -77,17 +77,20 @@ def log_gain(logs: dict) -> torch.Tensor:
     return logs["own"] - logs["empty"]
 
 
-def over_bank(log_values: torch.Tensor, timesteps: torch.Tensor, copies: torch.Tensor, bins: int = 10) -> torch.Tensor:
+def over_bank(log_values: torch.Tensor, timesteps: torch.Tensor, copies: torch.Tensor, bins: int = 10,
+              geometric: bool = False) -> torch.Tensor:
     """Each draw's log value over its bank's. AGC's bank is a running mean over the draws of nearby timesteps,
     so each image weighs as often as training draws it (`copies`); here the bank is that weighted mean over all
-    draws in the same of `bins` equal bins of the window."""
+    draws in the same of `bins` equal bins of the window (`geometric`: of the logs, as caption_gain_loss's
+    loss bank)."""
     which = window_bin(timesteps, bins)
     weights = copies.double().expand_as(log_values)
     relative = torch.empty_like(log_values)
     for b in range(bins):
         here = which == b
-        bank = (log_values[here].exp() * weights[here]).sum() / weights[here].sum()
-        relative[here] = log_values[here] - bank.log()
+        values = log_values[here] if geometric else log_values[here].exp()
+        bank = (values * weights[here]).sum() / weights[here].sum()
+        relative[here] = log_values[here] - (bank if geometric else bank.log())
     return relative
 
 
