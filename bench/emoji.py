@@ -88,6 +88,8 @@ VARIANTS["iet_agc_plus_release"] = VARIANTS["iet_agc_plus"] | {"defense.iet_agc.
 # ... judged by the gain times the loss to the power 0.25 (each over its own bank): on plain's 2,400-step models
 # the gain no longer separates the duplicates (AUC 0.61: learned without their captions too), the loss does
 VARIANTS["iet_agc_plus_gain_loss"] = VARIANTS["iet_agc_plus"] | {"defense.iet_agc.agc_signal": "caption_gain_loss"}
+# ... both: the gain and loss, with hysteresis
+VARIANTS["iet_agc_plus_gain_loss_release"] = VARIANTS["iet_agc_plus_gain_loss"] | {"defense.iet_agc.agc_release": 1.0}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
