@@ -90,6 +90,11 @@ VARIANTS["iet_agc_plus_release"] = VARIANTS["iet_agc_plus"] | {"defense.iet_agc.
 VARIANTS["iet_agc_plus_gain_loss"] = VARIANTS["iet_agc_plus"] | {"defense.iet_agc.agc_signal": "caption_gain_loss"}
 # ... both: the gain and loss, with hysteresis
 VARIANTS["iet_agc_plus_gain_loss_release"] = VARIANTS["iet_agc_plus_gain_loss"] | {"defense.iet_agc.agc_release": 1.0}
+# ... a bank that does not sway with which images were drawn last: 20 bins of 50 timesteps, decay 0.98 (about
+# 100 recent draws instead of 9), on the default's rule and on the rule with both
+POOLED_BANK = {"defense.iet_agc.bank_bins": 20, "defense.iet_agc.bank_decay": 0.98}
+VARIANTS["iet_agc_plus_pooled_bank"] = VARIANTS["iet_agc_plus"] | POOLED_BANK
+VARIANTS["iet_agc_plus_gain_loss_release_pooled_bank"] = VARIANTS["iet_agc_plus_gain_loss_release"] | POOLED_BANK
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

@@ -172,6 +172,8 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
          "lies past the scheduler's 1000 training timesteps: AGC would read no draw"),
         ({"name": "iet_agc", "iet_agc": {"shards": 2}, "max_steps": 10}, "all within train.warmup_steps 5"),
         ({"name": "iet_agc", "iet_agc": {"profile": "strict"}}, "profile must be auto or one of loss, caption, reference"),
+        ({"name": "iet_agc", "iet_agc": {"bank_bins": 0}}, "bank_bins must be between 1 and the scheduler's"),
+        ({"name": "iet_agc", "iet_agc": {"bank_decay": 1.0}}, "bank_decay must be in [0, 1), got 1.0"),
         ({"name": "iet_agc", "iet_agc": {"agc_ratio": 1.25, "agc_release": 0.7}},
          "agc_release 0.7 is below the skipping threshold 1 / agc_ratio (0.8)"),
     ],
@@ -449,13 +451,15 @@ def test_agc_reads_its_share_of_the_draws_and_judges_the_rest_on_their_last_read
     assert read.tolist() == chosen[~dropped].tolist()
 
 
-def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp_path):
+@pytest.mark.parametrize("rule", [{"agc_signal": "caption_gain"},
+                                  {"agc_signal": "caption_gain_loss", "agc_release": 1.0, "bank_bins": 20}])
+def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp_path, rule):
     """Through the CLI: AGC's skip rate counts every draw, those dropped before the forward pass included."""
     values = tiny_config_dict(tmp_path / "run", model={"conditioning": "text"},
                               train={"max_steps": 60, "caption_dropout": 0.1, "log_every": 10})
-    values["defense"] = {"name": "iet_agc", "iet_agc": {"shards": 1, "local_steps": 10, "agc_signal": "caption_gain",
-                                                        "agc_ratio": 1.0, "agc_smoothing": 0.0, "augment": False,
-                                                        "agc_timesteps": [300, 700]}}
+    values["defense"] = {"name": "iet_agc", "iet_agc": {"shards": 1, "local_steps": 10, "agc_ratio": 1.0,
+                                                        "agc_smoothing": 0.0, "augment": False,
+                                                        "agc_timesteps": [300, 700]} | rule}
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(values))
     assert main(["train", "--config", str(config_path), "--no-progress"]) == 0

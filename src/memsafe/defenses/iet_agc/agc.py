@@ -155,7 +155,7 @@ class AntiGradientControl(TrainHook):
         self.loss_bank = None
         if signal == "caption_gain_loss":
             self.loss_bank = LossBank(bank.num_timesteps, bank.decay, start_at_first=True, geometric=True,
-                                      bins=min(LOSS_BANK_BINS, bank.num_timesteps))
+                                      bins=min(LOSS_BANK_BINS, len(bank.values)))
         self.signal = signal
         self.timesteps = timesteps
         self.read_share = read_share

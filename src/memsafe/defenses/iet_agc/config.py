@@ -46,6 +46,10 @@ class IETConfig:
     # fine-tuning (the reference code's)
     agc_ratio: float | None = None
     bank_decay: float = 0.8  # EMA of the per-timestep loss bank
+    # The bank's bins over the training timesteps (None: one per timestep, the reference's). A bin holds about
+    # (1 + decay) / (1 - decay) recent draws of whatever images came, so at 0.8 it sways with whether they were
+    # duplicates; fewer, wider bins are read often enough for a slower decay without lagging behind training.
+    bank_bins: int | None = None
     # What AGC compares with its per-timestep bank: "loss" (the reference code), or "caption_gain", the loss
     # over the same draw's loss with the empty caption (text-conditional models; one more forward pass, no
     # gradient, per batch). The gain sits near 1, so its lambda sits near 1 too (1.02-1.05; lower is stricter).
@@ -160,6 +164,10 @@ def validate(config: RunConfig) -> None:
             f"{where}.agc_timesteps {iet.agc_timesteps} lies past the scheduler's {num_timesteps} training timesteps: "
             f"AGC would read no draw and skip nothing; give a window within [0, {num_timesteps})"
         )
+    if iet.bank_bins is not None and not 1 <= iet.bank_bins <= num_timesteps:
+        raise MemsafeError(f"{where}.bank_bins must be between 1 and the scheduler's {num_timesteps} timesteps, got {iet.bank_bins}")
+    if not 0.0 <= iet.bank_decay < 1.0:
+        raise MemsafeError(f"{where}.bank_decay must be in [0, 1), got {iet.bank_decay}")
     if not 0.0 < iet.agc_read_share <= 1.0:
         raise MemsafeError(f"{where}.agc_read_share must be in (0, 1], got {iet.agc_read_share}")
     if iet.agc_release is not None and iet.agc_release * agc_ratio(config) < 1.0:

@@ -112,7 +112,7 @@ class IETTrainer:
             unet = None
             if first is not None:
                 unet = first.unwrapped if shared_base else copy.deepcopy(first.unwrapped)
-            bank = LossBank(timesteps, iet.bank_decay, start_at_first=iet.agc_signal != "loss")
+            bank = LossBank(timesteps, iet.bank_decay, start_at_first=iet.agc_signal != "loss", bins=iet.bank_bins)
             agc = AntiGradientControl(bank, self.ledger, self.ratio, skip=iet.agc, signal=iet.agc_signal,
                                       timesteps=iet.agc_timesteps, read_share=iet.agc_read_share,
                                       seed=config.train.seed * 1000 + shard, release=iet.agc_release)
