@@ -92,7 +92,7 @@ class SampleLedger:
 
 
 class LossBank:
-    """Running per-timestep loss of one proxy, as in the reference: starts at 0, EMA with `decay`."""
+    """Running loss per timestep (or bin of them) of one proxy, as in the reference: starts at 0, EMA with `decay`."""
 
     def __init__(self, num_timesteps: int, decay: float, start_at_first: bool = False, geometric: bool = False,
                  bins: int | None = None):
@@ -151,7 +151,7 @@ class AntiGradientControl(TrainHook):
                  release: float | None = None):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
         self.release = release
-        # caption_gain_loss: the loss's own per-timestep bank, beside the gain's
+        # caption_gain_loss: the loss's own bank (geometric, binned), beside the gain's
         self.loss_bank = None
         if signal == "caption_gain_loss":
             self.loss_bank = LossBank(bank.num_timesteps, bank.decay, start_at_first=True, geometric=True,
