@@ -18,13 +18,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emoji import copies_per_emoji, distinct_emoji, duplicated_flags  # noqa: E402
-from emoji_signal_auc import log_losses  # noqa: E402
+from emoji_signal_auc import caption_draws  # noqa: E402
 from results_io import RESULTS, write_results  # noqa: E402
 
-from memsafe.data import load_dataset  # noqa: E402
 from memsafe.defenses.iet_agc.agc import LOSS_BANK_BINS, LOSS_WEIGHT, LossBank  # noqa: E402
-from memsafe.runs import FinishedRun  # noqa: E402
 
 RATIO = 1.02
 BANKS = {"per timestep, decay 0.8": (None, 0.8), "20 bins, decay 0.98": (20, 0.98)}
@@ -50,14 +47,8 @@ def streamed_skips(gain, loss, t, dup, picks, bins, decay, combined) -> dict:
 
 
 def bank_noise(run_dir: Path, draws: int, stream: int) -> dict:
-    run = FinishedRun(run_dir)
-    train_set, _ = load_dataset(run.config.data)
-    distinct = distinct_emoji(train_set)
-    states = run.encoder.encode([train_set.captions[i] for i in distinct])
-    empty = run.encoder.encode([""]).expand_as(states)
-    logs = log_losses(run, train_set.as_model_input()[distinct], {"own": states, "empty": empty}, draws)
-    copies = copies_per_emoji(train_set, distinct).double()
-    dup = duplicated_flags(Path(run.config.data.source), train_set.names)[distinct]
+    logs, copies, dup = caption_draws(run_dir, draws)
+    copies = copies.double()
     generator = torch.Generator().manual_seed(1)
     image = torch.multinomial(copies / copies.sum(), stream, replacement=True, generator=generator)
     draw = torch.randint(0, draws, (stream,), generator=generator)

@@ -15,29 +15,20 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from emoji import copies_per_emoji, distinct_emoji, duplicated_flags  # noqa: E402
-from emoji_signal_auc import log_gain, log_losses, over_bank  # noqa: E402
+from emoji_signal_auc import caption_draws, log_gain, over_bank  # noqa: E402
 from results_io import RESULTS, write_results  # noqa: E402
 
-from memsafe.data import load_dataset  # noqa: E402
 from memsafe.defenses.iet_agc.agc import LOSS_WEIGHT  # noqa: E402
-from memsafe.runs import FinishedRun  # noqa: E402
 
 RATIOS = (1.02, 1.05, 1.1, 1.15, 1.2, 1.3, 1.5)
 
 
 def rule_skips(run_dir: Path, draws: int) -> dict:
-    run = FinishedRun(run_dir)
-    train_set, _ = load_dataset(run.config.data)
-    distinct = distinct_emoji(train_set)
-    states = run.encoder.encode([train_set.captions[i] for i in distinct])
-    empty = run.encoder.encode([""]).expand_as(states)
-    logs = log_losses(run, train_set.as_model_input()[distinct], {"own": states, "empty": empty}, draws)
-    copies = copies_per_emoji(train_set, distinct)
+    logs, copies, dup = caption_draws(run_dir, draws)
     gain = over_bank(log_gain(logs), logs["t"], copies)
     scores = {"caption_gain": gain,
               "caption_gain_loss": gain + LOSS_WEIGHT * over_bank(logs["own"], logs["t"], copies, geometric=True)}
-    dup = duplicated_flags(Path(run.config.data.source), train_set.names)[distinct].expand_as(gain)
+    dup = dup.expand_as(gain)
     weights = copies.double().expand_as(gain)
     found = {}
     for name, score in scores.items():

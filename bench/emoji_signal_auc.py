@@ -67,6 +67,20 @@ def log_losses(run: FinishedRun, images: torch.Tensor, conditions: dict[str, tor
     return {name: torch.stack(values) for name, values in found.items()}
 
 
+def caption_draws(run_dir: Path, draws: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A finished run's distinct training emoji at `draws` noise draws each: the log losses with their own and
+    with the empty caption ("own", "empty", draws x images; timesteps under "t"), how often training draws
+    each image, and which are duplicated."""
+    run = FinishedRun(run_dir)
+    train_set, _ = load_dataset(run.config.data)
+    distinct = distinct_emoji(train_set)
+    states = run.encoder.encode([train_set.captions[i] for i in distinct])
+    empty = run.encoder.encode([""]).expand_as(states)
+    logs = log_losses(run, train_set.as_model_input()[distinct], {"own": states, "empty": empty}, draws)
+    dup = duplicated_flags(Path(run.config.data.source), train_set.names)[distinct]
+    return logs, copies_per_emoji(train_set, distinct), dup
+
+
 def window_bin(timesteps: torch.Tensor, bins: int) -> torch.Tensor:
     """Which of `bins` equal bins of the window each timestep falls in (a bank's stand-in for nearby t)."""
     return (timesteps - WINDOW[0]) * bins // (WINDOW[1] - WINDOW[0])
