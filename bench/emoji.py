@@ -95,6 +95,8 @@ VARIANTS["iet_agc_plus_gain_loss_release"] = VARIANTS["iet_agc_plus_gain_loss"] 
 POOLED_BANK = {"defense.iet_agc.bank_bins": 20, "defense.iet_agc.bank_decay": 0.98}
 VARIANTS["iet_agc_plus_pooled_bank"] = VARIANTS["iet_agc_plus"] | POOLED_BANK
 VARIANTS["iet_agc_plus_gain_loss_release_pooled_bank"] = VARIANTS["iet_agc_plus_gain_loss_release"] | POOLED_BANK
+# ... the default's rule with hysteresis on the pooled bank (each helped on seed 1 at twice the budget)
+VARIANTS["iet_agc_plus_release_pooled_bank"] = VARIANTS["iet_agc_plus_release"] | POOLED_BANK
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
