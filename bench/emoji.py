@@ -97,6 +97,9 @@ VARIANTS["iet_agc_plus_pooled_bank"] = VARIANTS["iet_agc_plus"] | POOLED_BANK
 VARIANTS["iet_agc_plus_gain_loss_release_pooled_bank"] = VARIANTS["iet_agc_plus_gain_loss_release"] | POOLED_BANK
 # ... the default's rule with hysteresis on the pooled bank (each helped on seed 1 at twice the budget)
 VARIANTS["iet_agc_plus_release_pooled_bank"] = VARIANTS["iet_agc_plus_release"] | POOLED_BANK
+# ... hysteresis with the gain read at t = 200-800 (twice the default's readings per sample: a copy of a duplicate
+# is read about five times in 1,200 steps, so each flag rests on few readings)
+VARIANTS["iet_agc_plus_mid_release"] = VARIANTS["iet_agc_plus_release"] | {"defense.iet_agc.agc_timesteps": [200, 800]}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
