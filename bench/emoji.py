@@ -100,6 +100,9 @@ VARIANTS["iet_agc_plus_release_pooled_bank"] = VARIANTS["iet_agc_plus_release"] 
 # ... hysteresis with the gain read at t = 200-800 (twice the default's readings per sample: a copy of a duplicate
 # is read about five times in 1,200 steps, so each flag rests on few readings)
 VARIANTS["iet_agc_plus_mid_release"] = VARIANTS["iet_agc_plus_release"] | {"defense.iet_agc.agc_timesteps": [200, 800]}
+# ... and a latch: three readings in a row under bank / lambda hold a sample for the rest of the run (every
+# per-draw rule passes a share of a memorized copy's draws, so its cut fell with the budget)
+VARIANTS["iet_agc_plus_mid_release_latch"] = VARIANTS["iet_agc_plus_mid_release"] | {"defense.iet_agc.agc_latch": 3}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

@@ -176,6 +176,7 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
         ({"name": "iet_agc", "iet_agc": {"bank_decay": 1.0}}, "bank_decay must be in [0, 1), got 1.0"),
         ({"name": "iet_agc", "iet_agc": {"agc_ratio": 1.25, "agc_release": 0.7}},
          "agc_release 0.7 is below the skipping threshold 1 / agc_ratio (0.8)"),
+        ({"name": "iet_agc", "iet_agc": {"agc_latch": 0}}, "agc_latch must be a whole number of readings >= 1"),
     ],
 )
 def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message):
@@ -285,6 +286,29 @@ def test_a_held_sample_leaves_the_batch_before_the_forward_pass_until_a_reading_
         bank.values.fill_(1.0)
         agc.on_losses(torch.tensor([reading, 1.1]), read, None)
         assert agc.on_batch_start(unread, None)["index"].tolist() == passing
+
+
+def test_a_latched_sample_is_held_for_the_rest_of_the_run_unread():
+    """Latch 2: two readings in a row under bank / 1.25 hold a sample for good; its draws, read or not, leave the
+    batch before the forward pass. A reading back over the threshold breaks a streak before it latches."""
+    bank = LossBank(num_timesteps=10, decay=0.0)
+    ledger = SampleLedger(3)
+    agc = AntiGradientControl(bank, ledger, ratio=1.25, latch=2)
+    batch = {"index": torch.tensor([0, 1, 2]), "timesteps": torch.tensor([3, 3, 3]),
+             "pixels": torch.zeros(3, 1, 2, 2)}
+    passing = []
+    for readings in ([0.7, 0.7, 1.1], [0.9, 0.7, 1.1], [0.7, 1.1, 1.1], [0.7, 1.1, 1.1]):
+        kept_batch = agc.on_batch_start(dict(batch), None)
+        passing.append(kept_batch["index"].tolist())
+        bank.values.fill_(1.0)  # a fixed running mean: the relative losses are the draws
+        values = torch.tensor(readings)[kept_batch["index"]]
+        agc.on_losses(values, kept_batch, None)
+    # sample 0: under, over (streak broken), under, under: latched after the fourth reading;
+    # sample 1: under, under: latched after the second, never read again; sample 2: never under
+    assert passing == [[0, 1, 2], [0, 1, 2], [0, 2], [0, 2]]
+    assert agc.on_batch_start(dict(batch), None)["index"].tolist() == [2]
+    assert ledger.streak.tolist() == [2, 2, 0]
+    assert ledger.relative_loss[1].item() == pytest.approx(0.7)  # its last reading, not a later draw
 
 
 def test_outer_step_is_nesterov_sgd_on_the_rounds_pseudo_gradient():
@@ -452,7 +476,8 @@ def test_agc_reads_its_share_of_the_draws_and_judges_the_rest_on_their_last_read
 
 
 @pytest.mark.parametrize("rule", [{"agc_signal": "caption_gain"},
-                                  {"agc_signal": "caption_gain_loss", "agc_release": 1.0, "bank_bins": 20}])
+                                  {"agc_signal": "caption_gain_loss", "agc_release": 1.0, "bank_bins": 20},
+                                  {"agc_signal": "caption_gain", "agc_release": 1.0, "agc_latch": 2}])
 def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp_path, rule):
     """Through the CLI: AGC's skip rate counts every draw, those dropped before the forward pass included."""
     values = tiny_config_dict(tmp_path / "run", model={"conditioning": "text"},

@@ -27,8 +27,8 @@ LOSS_WEIGHT = 0.25
 # (of 1,000) are read ten times as often, and the loss changes little over ten timesteps.
 LOSS_BANK_BINS = 100
 
-STATE = ("skips", "visits", "round_skips", "round_visits", "relative_loss", "smoothed", "flagged")
-LAST_READING = ("relative_loss", "smoothed", "flagged")  # per sample, as the process that visited it last left it
+STATE = ("skips", "visits", "round_skips", "round_visits", "relative_loss", "smoothed", "flagged", "streak")
+LAST_READING = ("relative_loss", "smoothed", "flagged", "streak")  # per sample, as the process that visited it last left it
 
 
 class SampleLedger:
@@ -44,6 +44,7 @@ class SampleLedger:
         # EMA over a sample's visits of its relative loss (`smoothing` the weight of the past; 0: the last visit)
         self.smoothed = torch.full((num_items,), math.inf)
         self.flagged = torch.zeros(num_items, dtype=torch.bool)  # skipped at its last reading (AGC's hysteresis)
+        self.streak = torch.zeros(num_items, dtype=torch.long)  # its last readings in a row under bank / lambda
 
     def start_round(self) -> None:
         self.round_skips.zero_()
@@ -57,13 +58,17 @@ class SampleLedger:
         smoothed = torch.where(past.isfinite(), mixed, relative.double())
         return torch.where(relative.isnan(), past, smoothed)  # NaN: not measured this visit
 
-    def record(self, index: torch.Tensor, kept: torch.Tensor, relative: torch.Tensor) -> None:
+    def record(self, index: torch.Tensor, kept: torch.Tensor, relative: torch.Tensor,
+               below: torch.Tensor | None = None) -> None:
+        """One visit per draw; `below`: which readings fell under bank / lambda (the latch's streak)."""
         self.round_visits.index_add_(0, index, torch.ones_like(index))
         self.round_skips.index_add_(0, index, (~kept).long())
         measured = ~relative.isnan()  # only readings are stored: a sample drawn twice keeps a reading over none
         self.smoothed[index[measured]] = self.smooth(index, relative)[measured].float()
         self.relative_loss[index[measured]] = relative[measured].float()
         self.flagged[index[measured]] = ~kept[measured]
+        below = ~kept if below is None else below
+        self.streak[index[measured]] = torch.where(below, self.streak[index] + 1, 0)[measured]
 
     def end_round(self, accelerator: Accelerator | None = None) -> None:
         """Adds the round to the totals. Each process saw only its proxies' shards: the round counts are
@@ -142,15 +147,20 @@ class AntiGradientControl(TrainHook):
     With `release` set, the rule has hysteresis: a sample its last reading skipped stays skipped until a reading
     is back at `release` times the bank (1.0: the bank's running mean), not merely above bank / lambda. A
     duplicate held just under the threshold otherwise passes on every reading that noise or drift lifts over it,
-    trains, and falls back: the longer the run, the more of it is learned."""
+    trains, and falls back: the longer the run, the more of it is learned.
+
+    With `latch` set, a sample whose last `latch` readings in a row were all under bank / lambda is held for the
+    rest of the run: its later draws leave the batch before the forward pass, unread. Every rule that judges
+    draws one by one passes a share of a memorized sample's draws, and that share trains it more the longer the
+    run; a latched sample stops costing copies (or compute) however long the run goes on."""
 
     name = "agc"
 
     def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss",
                  timesteps: tuple[int, int] | None = None, read_share: float = 1.0, seed: int = 0,
-                 release: float | None = None):
+                 release: float | None = None, latch: int | None = None):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
-        self.release = release
+        self.release, self.latch = release, latch
         # caption_gain_loss: the loss's own bank (geometric, binned), beside the gain's
         self.loss_bank = None
         if signal == "caption_gain_loss":
@@ -186,7 +196,7 @@ class AntiGradientControl(TrainHook):
         if not self.skip:
             return batch
         index = batch["index"].cpu()
-        decided = ~read & self.skips(self.ledger.smoothed[index], index)
+        decided = (~read & self.skips(self.ledger.smoothed[index], index)) | self.latched(index)
         decided[0] = decided[0] & ~decided.all()  # one draw stays: every process runs a backward pass
         if not decided.any():
             return batch
@@ -207,8 +217,9 @@ class AntiGradientControl(TrainHook):
             self.loss_bank.update(losses, timesteps)
         score = self.ledger.smooth(index, relative)
         kept = ~self.skips(score, index) if self.skip else torch.ones_like(values, dtype=torch.bool)
+        kept &= ~self.latched(index) if self.skip else True  # the draw kept for the backward pass, if latched
         self.bank.update(values, timesteps)
-        self.ledger.record(index, kept, relative)
+        self.ledger.record(index, kept, relative, below=score * self.ratio < 1.0)
         self.kept += int(kept.sum())
         self.seen += len(kept)
         return kept.float() if self.skip else None
@@ -219,6 +230,11 @@ class AntiGradientControl(TrainHook):
         if self.release is None:
             return below
         return torch.where(self.ledger.flagged[index], score < self.release, below)
+
+    def latched(self, index: torch.Tensor) -> torch.Tensor:
+        if self.latch is None:
+            return torch.zeros_like(index, dtype=torch.bool)
+        return self.ledger.streak[index] >= self.latch
 
     def take_skip_rate(self) -> float:
         rate = 1.0 - self.kept / self.seen if self.seen else 0.0

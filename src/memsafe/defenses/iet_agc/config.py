@@ -75,6 +75,10 @@ class IETConfig:
     # (1.0: the bank's running mean; at least 1 / agc_ratio). None: each reading is judged against bank / lambda
     # alone, the reference's rule, under which the caption profile's hold-back eroded at twice the emoji budget.
     agc_release: float | None = None
+    # Latch: a sample whose readings fell under bank / lambda this many times in a row is held for the rest of
+    # the run (its draws leave before the forward pass, unread). None: never. Every per-draw rule passes a share
+    # of a memorized sample's draws, and that share trains it more the longer the run.
+    agc_latch: int | None = None
     # The outer step (DiLoCo's outer Nesterov optimizer): the round's averaged change is a pseudo-gradient
     # stepped with this learning rate and momentum. 1.0 and 0.0: the global model is the proxies' plain mean.
     outer_learning_rate: float = 1.0
@@ -176,6 +180,9 @@ def validate(config: RunConfig) -> None:
             f"({1 / agc_ratio(config):.4g}): a skipped sample would be released by a reading that skips it; use a "
             "value at or above it (1.0: back at the bank's mean)"
         )
+    if iet.agc_latch is not None and (isinstance(iet.agc_latch, bool) or not isinstance(iet.agc_latch, int)
+                                      or iet.agc_latch < 1):
+        raise MemsafeError(f"{where}.agc_latch must be a whole number of readings >= 1 (or null), got {iet.agc_latch!r}")
     if not 0.0 <= iet.agc_smoothing < 1.0:
         raise MemsafeError(f"{where}.agc_smoothing must be in [0, 1), got {iet.agc_smoothing}")
     if iet.outer_learning_rate <= 0.0:

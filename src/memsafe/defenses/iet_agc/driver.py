@@ -115,7 +115,8 @@ class IETTrainer:
             bank = LossBank(timesteps, iet.bank_decay, start_at_first=iet.agc_signal != "loss", bins=iet.bank_bins)
             agc = AntiGradientControl(bank, self.ledger, self.ratio, skip=iet.agc, signal=iet.agc_signal,
                                       timesteps=iet.agc_timesteps, read_share=iet.agc_read_share,
-                                      seed=config.train.seed * 1000 + shard, release=iet.agc_release)
+                                      seed=config.train.seed * 1000 + shard, release=iet.agc_release,
+                                      latch=iet.agc_latch)
             hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
             self.agc.append(agc)
             self.proxies.append(
