@@ -108,7 +108,7 @@ UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
             "dup_memorized_nn", "dup_copy_rate_sscd", "unique_memorized_nn", "unique_copy_rate_sscd",
             "holdout_copy_rate_sscd", "fid", "heldout_loss", "mia_auc", "mia_tpr_at_1pct_fpr", "dup_mia_auc",
-            "dup_loss_ratio", "dup_skip_rate", "unique_skip_rate", "wall_s")
+            "dup_loss_ratio", "dup_skip_rate", "unique_skip_rate", "dup_latched", "unique_latched", "wall_s")
 
 
 def base_config(train: Path, holdout: Path, steps: int) -> dict:
@@ -293,12 +293,13 @@ def measure(run_dir: Path, config, samples_per_group: int, seed: int, scales: li
         at_scale = ({k: readings[k] for k in GRID_READINGS} if scale == config.eval.guidance_scale
                     else probe.at_scale(sample, scale))
         readings |= {grid_key(scale, k): v for k, v in at_scale.items()}
-    return readings | agc_skip_rates(run_dir, dup)
+    return readings | agc_skip_rates(run_dir, dup, config.defense.iet_agc.agc_latch)
 
 
-def agc_skip_rates(run_dir: Path, dup: torch.Tensor) -> dict:
+def agc_skip_rates(run_dir: Path, dup: torch.Tensor, latch: int | None = None) -> dict:
     """AGC's premise checked where it matters: the share of the duplicated images' visits that AGC skipped
-    over the run, beside the unique images' (from the last checkpoint's ledger; IET runs only)."""
+    over the run, beside the unique images' (from the last checkpoint's ledger; IET runs only); with a latch,
+    the share of each kind's training samples (copies counted one by one) latched by the end."""
     last = latest_checkpoint(run_dir / "checkpoints")
     if last is None or not (last / "iet.json").is_file():
         return {}
@@ -307,7 +308,12 @@ def agc_skip_rates(run_dir: Path, dup: torch.Tensor) -> dict:
     def rate(mask: torch.Tensor) -> float:
         return (ledger["skips"][mask].sum() / ledger["visits"][mask].sum().clamp_min(1)).item()
 
-    return {"dup_skip_rate": rate(dup), "unique_skip_rate": rate(~dup)}
+    rates = {"dup_skip_rate": rate(dup), "unique_skip_rate": rate(~dup)}
+    if latch is None or "streak" not in ledger:
+        return rates
+    latched = ledger["streak"] >= latch
+    return rates | {"dup_latched": latched[dup].double().mean().item(),
+                    "unique_latched": latched[~dup].double().mean().item()}
 
 
 def membership(unet, config, train_set, holdout, unique: list[int], dup_distinct: list[int]) -> dict:
