@@ -216,20 +216,24 @@ class AntiGradientControl(TrainHook):
             relative = relative * self.loss_bank.relative(losses, timesteps) ** LOSS_WEIGHT
             self.loss_bank.update(losses, timesteps)
         score = self.ledger.smooth(index, relative)
-        kept = ~self.skips(score, index) if self.skip else torch.ones_like(values, dtype=torch.bool)
-        kept &= ~self.latched(index) if self.skip else True  # the draw kept for the backward pass, if latched
+        kept = torch.ones_like(values, dtype=torch.bool)
+        if self.skip:  # a latched draw is here only as the one kept for the backward pass: it does not train
+            kept = ~self.skips(score, index) & ~self.latched(index)
         self.bank.update(values, timesteps)
-        self.ledger.record(index, kept, relative, below=score * self.ratio < 1.0)
+        self.ledger.record(index, kept, relative, below=self.below(score))
         self.kept += int(kept.sum())
         self.seen += len(kept)
         return kept.float() if self.skip else None
 
     def skips(self, score: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The rule: which draws (of the samples `index`) a score (relative loss or gain) skips."""
-        below = score * self.ratio < 1.0
         if self.release is None:
-            return below
-        return torch.where(self.ledger.flagged[index], score < self.release, below)
+            return self.below(score)
+        return torch.where(self.ledger.flagged[index], score < self.release, self.below(score))
+
+    def below(self, score: torch.Tensor) -> torch.Tensor:
+        """Under bank / lambda: the reference's rule, and what a latch's streak counts."""
+        return score * self.ratio < 1.0
 
     def latched(self, index: torch.Tensor) -> torch.Tensor:
         if self.latch is None:
