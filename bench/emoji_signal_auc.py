@@ -6,7 +6,11 @@ duplicate's does: the unique images AGC skips most). Every distinct training emo
 - `empty_gain`: loss over the loss with the empty caption (AGC's `caption_gain`);
 - `neighbour_gain`: loss over the loss with the nearest other caption (MiniLM, mean-pooled), which asks
   how much this caption tells beyond a near one;
-- `loss`: the conditional loss; `gain+loss`: the two z-scored and added.
+- `loss`: the conditional loss; `gain+loss`: the two z-scored and added;
+- `kind_gain`: the empty gain over the median empty gain of the `--neighbours` nearest other captions (MiniLM,
+  mean-pooled): how much lower than its kind's (a flag against flags) the caption's gain reads;
+- `empty_loss`: the loss with the empty caption (the gain's extra pass): how well the model draws the image
+  from no caption at all, which a caption that pins the image down does not lower.
 
 Per signal: AUC of duplicated against unique, against the unique flags, and the share of unique images
 (flags) that score as memorized as the least memorized duplicate. And, as AGC judges single draws, per draw:
@@ -14,7 +18,7 @@ the share of unique draws each signal skips at the caption rule's share of dupli
 and the shares a gain bank read on the held-out images would skip (`heldout_bank`: a threshold the duplicates
 do not pull down).
 
-    python bench/emoji_signal_auc.py DIR/runs/plain-0 [DIR2/runs/...] [--draws 8] [--out FILE]
+    python bench/emoji_signal_auc.py DIR/runs/plain-0 [DIR2/runs/...] [--draws 8] [--neighbours 10] [--out FILE]
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ WINDOW = (200, 500)
 SCORES = ("gain", "loss", "gain+loss")
 
 
-def nearest_other_caption(states: torch.Tensor, captions: list[str]) -> torch.Tensor:
+def nearest_other_captions(states: torch.Tensor, captions: list[str], count: int = 1) -> torch.Tensor:
+    """(images, count): the images with the `count` nearest other captions, nearest first."""
     pooled = torch.nn.functional.normalize(states.mean(1), dim=1)
     similarity = pooled @ pooled.T
     same = torch.tensor([[a == b for b in captions] for a in captions])
-    return similarity.masked_fill(same, -2.0).argmax(1)
+    return similarity.masked_fill(same, -2.0).topk(count, dim=1).indices
 
 
 @torch.no_grad()
@@ -154,7 +159,7 @@ def separation(memorized: torch.Tensor, dup: torch.Tensor, flag: torch.Tensor) -
             "unique_flags_as_memorized": (memorized[unique & flag] >= floor).double().mean().item()}
 
 
-def signals(run_dir: Path, draws: int) -> dict:
+def signals(run_dir: Path, draws: int, neighbours: int) -> dict:
     run = FinishedRun(run_dir)
     train_set, holdout = load_dataset(run.config.data)
     flags = duplicated_flags(Path(run.config.data.source), train_set.names)
@@ -162,7 +167,7 @@ def signals(run_dir: Path, draws: int) -> dict:
     captions = [train_set.captions[i] for i in distinct]
     states, empty = run.encoder.encode(captions), run.encoder.encode([""])
     conditions = {"own": states, "empty": empty.expand_as(states),
-                  "neighbour": states[nearest_other_caption(states, captions)]}
+                  "neighbour": states[nearest_other_captions(states, captions)[:, 0]]}
     per_draw = log_losses(run, train_set.as_model_input()[distinct], conditions, draws)
     logs = {name: per_draw[name].mean(0) for name in conditions}
     empty_gain, neighbour_gain = log_gain(logs), logs["own"] - logs["neighbour"]
@@ -170,8 +175,10 @@ def signals(run_dir: Path, draws: int) -> dict:
     def z(v: torch.Tensor) -> torch.Tensor:
         return (v - v.mean()) / v.std()
 
+    kind = empty_gain[nearest_other_captions(states, captions, neighbours)].median(1).values
     found = {"empty_gain": empty_gain, "neighbour_gain": neighbour_gain, "loss": logs["own"],
-             "gain+loss": z(empty_gain) + z(logs["own"])}
+             "gain+loss": z(empty_gain) + z(logs["own"]), "kind_gain": empty_gain - kind,
+             "empty_loss": logs["empty"]}
     dup, flag = flags[distinct], torch.tensor(["flag" in caption for caption in captions])
     heldout_states = run.encoder.encode(holdout.captions)
     heldout = log_losses(run, holdout.as_model_input(),
@@ -185,9 +192,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+")
     parser.add_argument("--draws", type=int, default=8)
+    parser.add_argument("--neighbours", type=int, default=10, help="captions that stand for an image's kind")
     parser.add_argument("--out", type=Path, default=RESULTS / "emoji_signal_auc.json")
     args = parser.parse_args()
-    results = {str(run): signals(run, args.draws) for run in args.runs}
+    results = {str(run): signals(run, args.draws, args.neighbours) for run in args.runs}
     table = ["| run | signal | AUC dup. vs unique | vs unique flags | unique as memorized | unique flags as memorized |",
              "|---|---|---|---|---|---|"]
     table += [f"| {run} | {name} | {r['auc_dup_vs_unique']:.3f} | {r['auc_dup_vs_unique_flags']:.3f} | "
