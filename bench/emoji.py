@@ -105,6 +105,10 @@ VARIANTS["iet_agc_plus_mid_release"] = VARIANTS["iet_agc_plus_release"] | {"defe
 VARIANTS["iet_agc_plus_mid_release_latch"] = VARIANTS["iet_agc_plus_mid_release"] | {"defense.iet_agc.agc_latch": 3}
 # ... four readings in a row (at 2,400 steps three latched 21 % of the unique emoji beside 92 % of the copies)
 VARIANTS["iet_agc_plus_mid_release_latch4"] = VARIANTS["iet_agc_plus_mid_release"] | {"defense.iet_agc.agc_latch": 4}
+# ... latch 3 by caption: the copies of one caption share one streak, and a caption one sample alone carries
+# never latches (by sample, the latch held 81-85 % of the unique flags at 2,400 steps: their captions pin them)
+VARIANTS["iet_agc_plus_mid_release_latch_caption"] = VARIANTS["iet_agc_plus_mid_release_latch"] | {
+    "defense.iet_agc.agc_latch_by": "caption"}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

@@ -9,7 +9,9 @@ from memsafe.cli import main
 from memsafe.config import merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
-from memsafe.defenses.iet_agc.agc import LOSS_WEIGHT, AntiGradientControl, LossBank, SampleLedger, caption_gain
+from memsafe.defenses.iet_agc.agc import (
+    LOSS_WEIGHT, AntiGradientControl, LossBank, SampleLedger, caption_gain, duplicated_caption_groups,
+)
 from memsafe.defenses.iet_agc.augment import augment_batch, augmentation_strength
 from memsafe.defenses.iet_agc.config import IETConfig, agc_ratio
 from memsafe.defenses.iet_agc.driver import IETTrainer, OuterStep
@@ -177,6 +179,10 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
         ({"name": "iet_agc", "iet_agc": {"agc_ratio": 1.25, "agc_release": 0.7}},
          "agc_release 0.7 is below the skipping threshold 1 / agc_ratio (0.8)"),
         ({"name": "iet_agc", "iet_agc": {"agc_latch": 0}}, "agc_latch must be a whole number of readings >= 1"),
+        ({"name": "iet_agc", "iet_agc": {"agc_latch": 3, "agc_latch_by": "image"}},
+         "agc_latch_by must be sample or caption, got 'image'"),
+        ({"name": "iet_agc", "iet_agc": {"agc_latch": 3, "agc_latch_by": "caption"}},
+         "agc_latch_by caption shares a latch's streak among the samples of one caption: it needs agc_latch set and captions"),
     ],
 )
 def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message):
@@ -309,6 +315,35 @@ def test_a_latched_sample_is_held_for_the_rest_of_the_run_unread():
     assert agc.on_batch_start(dict(batch), None)["index"].tolist() == [2]
     assert ledger.streak.tolist() == [2, 2, 0]
     assert ledger.relative_loss[1].item() == pytest.approx(0.7)  # its last reading, not a later draw
+
+
+def test_a_latch_by_caption_shares_one_streak_among_a_captions_copies_and_spares_single_captions():
+    """agc_latch_by caption: the copies of one caption count their readings into one streak, in draw order (two in
+    one batch count twice), and latch together; a caption only one sample carries (or none) never latches."""
+    captions = ["a cat", "a dog", "a cat", "a flag of chad", "", "", "a cat"]
+    keys = duplicated_caption_groups(captions)
+    assert keys.tolist() == [0, -1, 0, -1, -1, -1, 0]
+    bank = LossBank(num_timesteps=10, decay=0.0)
+    ledger = SampleLedger(len(captions))
+    agc = AntiGradientControl(bank, ledger, ratio=1.25, latch=3, latch_groups=keys)
+    batch = {"index": torch.tensor([0, 2, 3, 1]), "timesteps": torch.tensor([3, 3, 3, 3]),
+             "pixels": torch.zeros(4, 1, 2, 2)}
+
+    def read(values: list[float]) -> None:
+        bank.values.fill_(1.0)  # a fixed running mean: the relative losses are the draws
+        agc.on_losses(torch.tensor(values), batch, None)
+
+    read([0.5, 0.5, 0.5, 1.1])  # the cats' key: two readings under
+    assert ledger.streak[0].item() == 2 and not agc.latched(torch.tensor([0, 2, 6])).any()
+    assert ledger.streak[3].item() == 0  # the flag reads under too, but counts nowhere
+    read([0.5, 1.1, 0.5, 1.1])  # under, over: the over ends the streak
+    assert ledger.streak[0].item() == 0
+    read([1.1, 0.5, 0.5, 0.5])
+    read([0.5, 0.5, 0.5, 0.5])  # three in a row under: every copy latched
+    assert agc.latched(torch.arange(len(captions))).tolist() == [True, False, True, False, False, False, True]
+    kept = agc.on_batch_start({"index": torch.tensor([6, 3, 0, 1]), "timesteps": torch.tensor([3, 3, 3, 3]),
+                               "pixels": torch.zeros(4, 1, 2, 2)}, None)
+    assert kept["index"].tolist() == [3, 1]  # the flag, read under on every visit, still trains
 
 
 def test_outer_step_is_nesterov_sgd_on_the_rounds_pseudo_gradient():
@@ -477,7 +512,8 @@ def test_agc_reads_its_share_of_the_draws_and_judges_the_rest_on_their_last_read
 
 @pytest.mark.parametrize("rule", [{"agc_signal": "caption_gain"},
                                   {"agc_signal": "caption_gain_loss", "agc_release": 1.0, "bank_bins": 20},
-                                  {"agc_signal": "caption_gain", "agc_release": 1.0, "agc_latch": 2}])
+                                  {"agc_signal": "caption_gain", "agc_release": 1.0, "agc_latch": 2},
+                                  {"agc_signal": "caption_gain", "agc_latch": 2, "agc_latch_by": "caption"}])
 def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp_path, rule):
     """Through the CLI: AGC's skip rate counts every draw, those dropped before the forward pass included."""
     values = tiny_config_dict(tmp_path / "run", model={"conditioning": "text"},

@@ -4,6 +4,7 @@ falls below bank[t] / lambda skipped; the per-sample ledger that redistribution 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import torch
@@ -59,8 +60,9 @@ class SampleLedger:
         return torch.where(relative.isnan(), past, smoothed)  # NaN: not measured this visit
 
     def record(self, index: torch.Tensor, kept: torch.Tensor, relative: torch.Tensor,
-               below: torch.Tensor | None = None) -> None:
-        """One visit per draw; `below`: which readings fell under bank / lambda (the latch's streak)."""
+               below: torch.Tensor | None = None, streak_keys: torch.Tensor | None = None) -> None:
+        """One visit per draw; `below`: which readings fell under bank / lambda (the latch's streak), counted on
+        `streak_keys` (default: each draw's own sample; a negative key counts nowhere)."""
         self.round_visits.index_add_(0, index, torch.ones_like(index))
         self.round_skips.index_add_(0, index, (~kept).long())
         measured = ~relative.isnan()  # only readings are stored: a sample drawn twice keeps a reading over none
@@ -68,7 +70,12 @@ class SampleLedger:
         self.relative_loss[index[measured]] = relative[measured].float()
         self.flagged[index[measured]] = ~kept[measured]
         below = ~kept if below is None else below
-        self.streak[index[measured]] = torch.where(below, self.streak[index] + 1, 0)[measured]
+        if streak_keys is None:
+            self.streak[index[measured]] = torch.where(below, self.streak[index] + 1, 0)[measured]
+            return
+        for key, low in zip(streak_keys[measured].tolist(), below[measured].tolist()):  # in draw order: keys repeat
+            if key >= 0:
+                self.streak[key] = self.streak[key] + 1 if low else 0
 
     def end_round(self, accelerator: Accelerator | None = None) -> None:
         """Adds the round to the totals. Each process saw only its proxies' shards: the round counts are
@@ -94,6 +101,15 @@ class SampleLedger:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():  # a checkpoint from before `smoothed` or `flagged` leaves it unset
             getattr(self, key).copy_(value)
+
+
+def duplicated_caption_groups(captions: list[str]) -> torch.Tensor:
+    """Each sample's latch key under `agc_latch_by: caption`: the first sample with its caption where several
+    samples carry that caption, else -1 (a caption of its own, or none, never latches)."""
+    counts = Counter(captions)
+    first: dict[str, int] = {}
+    keys = [first.setdefault(text, i) if text and counts[text] > 1 else -1 for i, text in enumerate(captions)]
+    return torch.tensor(keys, dtype=torch.long)
 
 
 class LossBank:
@@ -152,15 +168,19 @@ class AntiGradientControl(TrainHook):
     With `latch` set, a sample whose last `latch` readings in a row were all under bank / lambda is held for the
     rest of the run: its later draws leave the batch before the forward pass, unread. Every rule that judges
     draws one by one passes a share of a memorized sample's draws, and that share trains it more the longer the
-    run; a latched sample stops costing copies (or compute) however long the run goes on."""
+    run; a latched sample stops costing copies (or compute) however long the run goes on.
+
+    With `latch_groups` (one key per sample: the first sample with its caption, -1 for a sample that may not
+    latch) the samples of one key share one streak, counted in draw order: a caption carried by many copies is
+    read as often as they are drawn, and latches them all at once."""
 
     name = "agc"
 
     def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss",
                  timesteps: tuple[int, int] | None = None, read_share: float = 1.0, seed: int = 0,
-                 release: float | None = None, latch: int | None = None):
+                 release: float | None = None, latch: int | None = None, latch_groups: torch.Tensor | None = None):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
-        self.release, self.latch = release, latch
+        self.release, self.latch, self.latch_groups = release, latch, latch_groups
         # caption_gain_loss: the loss's own bank (geometric, binned), beside the gain's
         self.loss_bank = None
         if signal == "caption_gain_loss":
@@ -220,7 +240,7 @@ class AntiGradientControl(TrainHook):
         if self.skip:  # a latched draw is here only as the one kept for the backward pass: it does not train
             kept = ~self.skips(score, index) & ~self.latched(index)
         self.bank.update(values, timesteps)
-        self.ledger.record(index, kept, relative, below=self.below(score))
+        self.ledger.record(index, kept, relative, below=self.below(score), streak_keys=self.streak_keys(index))
         self.kept += int(kept.sum())
         self.seen += len(kept)
         return kept.float() if self.skip else None
@@ -235,10 +255,17 @@ class AntiGradientControl(TrainHook):
         """Under bank / lambda: the reference's rule, and what a latch's streak counts."""
         return score * self.ratio < 1.0
 
+    def streak_keys(self, index: torch.Tensor) -> torch.Tensor | None:
+        """Where each sample's latch streak is counted: its own (None), or its group's key."""
+        return None if self.latch_groups is None else self.latch_groups[index]
+
     def latched(self, index: torch.Tensor) -> torch.Tensor:
         if self.latch is None:
             return torch.zeros_like(index, dtype=torch.bool)
-        return self.ledger.streak[index] >= self.latch
+        keys = self.streak_keys(index)
+        if keys is None:
+            return self.ledger.streak[index] >= self.latch
+        return (keys >= 0) & (self.ledger.streak[keys.clamp_min(0)] >= self.latch)
 
     def take_skip_rate(self) -> float:
         rate = 1.0 - self.kept / self.seen if self.seen else 0.0

@@ -79,6 +79,12 @@ class IETConfig:
     # the run (its draws leave before the forward pass, unread). None: never. Every per-draw rule passes a share
     # of a memorized sample's draws, and that share trains it more the longer the run.
     agc_latch: int | None = None
+    # What a latch's streak counts: "sample" (each sample its own readings) or "caption": the samples that share
+    # a caption share one streak, and a caption that one sample alone carries never latches (its draws keep the
+    # per-draw rule). The gain reads as low for an image its caption alone pins down (a flag) as for a copy; a
+    # caption many samples carry is read as often as they are drawn. Copies under different captions are not
+    # latched this way.
+    agc_latch_by: str = "sample"
     # The outer step (DiLoCo's outer Nesterov optimizer): the round's averaged change is a pseudo-gradient
     # stepped with this learning rate and momentum. 1.0 and 0.0: the global model is the proxies' plain mean.
     outer_learning_rate: float = 1.0
@@ -183,6 +189,13 @@ def validate(config: RunConfig) -> None:
     if iet.agc_latch is not None and (isinstance(iet.agc_latch, bool) or not isinstance(iet.agc_latch, int)
                                       or iet.agc_latch < 1):
         raise MemsafeError(f"{where}.agc_latch must be a whole number of readings >= 1 (or null), got {iet.agc_latch!r}")
+    if iet.agc_latch_by not in ("sample", "caption"):
+        raise MemsafeError(f"{where}.agc_latch_by must be sample or caption, got {iet.agc_latch_by!r}")
+    if iet.agc_latch_by == "caption" and (iet.agc_latch is None or config.model.conditioning != "text"):
+        raise MemsafeError(
+            f"{where}.agc_latch_by caption shares a latch's streak among the samples of one caption: it needs "
+            "agc_latch set and captions (model.conditioning: text)"
+        )
     if not 0.0 <= iet.agc_smoothing < 1.0:
         raise MemsafeError(f"{where}.agc_smoothing must be in [0, 1), got {iet.agc_smoothing}")
     if iet.outer_learning_rate <= 0.0:
