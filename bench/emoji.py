@@ -40,6 +40,7 @@ from results_io import (RESULTS, add_run, previous_runs, run_name, same_seed_cha
 from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
 from memsafe.data.images import to_uint8  # noqa: E402
+from memsafe.defenses.iet_agc.agc import duplicated_caption_groups, latched  # noqa: E402
 from memsafe.metrics import sscd  # noqa: E402
 from memsafe.metrics.copy_detection import own_image_nearest  # noqa: E402
 from memsafe.metrics.features import domain_feature_net  # noqa: E402
@@ -299,13 +300,14 @@ def measure(run_dir: Path, config, samples_per_group: int, seed: int, scales: li
         at_scale = ({k: readings[k] for k in GRID_READINGS} if scale == config.eval.guidance_scale
                     else probe.at_scale(sample, scale))
         readings |= {grid_key(scale, k): v for k, v in at_scale.items()}
-    return readings | agc_skip_rates(run_dir, dup, config.defense.iet_agc.agc_latch)
+    return readings | agc_skip_rates(run_dir, dup, config.defense.iet_agc, train_set.captions)
 
 
-def agc_skip_rates(run_dir: Path, dup: torch.Tensor, latch: int | None = None) -> dict:
+def agc_skip_rates(run_dir: Path, dup: torch.Tensor, iet=None, captions: list[str] | None = None) -> dict:
     """AGC's premise checked where it matters: the share of the duplicated images' visits that AGC skipped
-    over the run, beside the unique images' (from the last checkpoint's ledger; IET runs only); with a latch,
-    the share of each kind's training samples (copies counted one by one) latched by the end."""
+    over the run, beside the unique images' (from the last checkpoint's ledger; IET runs only); with a latch
+    (`iet`, the run's defense.iet_agc), the share of each kind's training samples (copies counted one by one)
+    latched by the end."""
     last = latest_checkpoint(run_dir / "checkpoints")
     if last is None or not (last / "iet.json").is_file():
         return {}
@@ -315,11 +317,12 @@ def agc_skip_rates(run_dir: Path, dup: torch.Tensor, latch: int | None = None) -
         return (ledger["skips"][mask].sum() / ledger["visits"][mask].sum().clamp_min(1)).item()
 
     rates = {"dup_skip_rate": rate(dup), "unique_skip_rate": rate(~dup)}
-    if latch is None or "streak" not in ledger:
+    if iet is None or iet.agc_latch is None or "streak" not in ledger:
         return rates
-    latched = ledger["streak"] >= latch
-    return rates | {"dup_latched": latched[dup].double().mean().item(),
-                    "unique_latched": latched[~dup].double().mean().item()}
+    groups = duplicated_caption_groups(captions) if iet.agc_latch_by == "caption" else None
+    held = latched(ledger["streak"], iet.agc_latch, torch.arange(len(dup)), groups)
+    return rates | {"dup_latched": held[dup].double().mean().item(),
+                    "unique_latched": held[~dup].double().mean().item()}
 
 
 def membership(unet, config, train_set, holdout, unique: list[int], dup_distinct: list[int]) -> dict:

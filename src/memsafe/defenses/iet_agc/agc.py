@@ -112,6 +112,15 @@ def duplicated_caption_groups(captions: list[str]) -> torch.Tensor:
     return torch.tensor(keys, dtype=torch.long)
 
 
+def latched(streak: torch.Tensor, latch: int, index: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Which of the samples `index` a latch of `latch` readings holds, from the ledger's streaks (counted on each
+    sample's `groups` key where given: see duplicated_caption_groups)."""
+    if groups is None:
+        return streak[index] >= latch
+    keys = groups[index]
+    return (keys >= 0) & (streak[keys.clamp_min(0)] >= latch)
+
+
 class LossBank:
     """Running loss per timestep (or bin of them) of one proxy, as in the reference: starts at 0, EMA with `decay`."""
 
@@ -262,10 +271,7 @@ class AntiGradientControl(TrainHook):
     def latched(self, index: torch.Tensor) -> torch.Tensor:
         if self.latch is None:
             return torch.zeros_like(index, dtype=torch.bool)
-        keys = self.streak_keys(index)
-        if keys is None:
-            return self.ledger.streak[index] >= self.latch
-        return (keys >= 0) & (self.ledger.streak[keys.clamp_min(0)] >= self.latch)
+        return latched(self.ledger.streak, self.latch, index, self.latch_groups)
 
     def take_skip_rate(self) -> float:
         rate = 1.0 - self.kept / self.seen if self.seen else 0.0
