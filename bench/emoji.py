@@ -40,7 +40,7 @@ from results_io import (RESULTS, add_run, previous_runs, run_name, same_seed_cha
 from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
 from memsafe.data.images import to_uint8  # noqa: E402
-from memsafe.defenses.iet_agc.agc import duplicated_caption_groups, latched  # noqa: E402
+from memsafe.defenses.iet_agc.agc import latch_groups, latched  # noqa: E402
 from memsafe.metrics import sscd  # noqa: E402
 from memsafe.metrics.copy_detection import own_image_nearest  # noqa: E402
 from memsafe.metrics.features import domain_feature_net  # noqa: E402
@@ -319,8 +319,7 @@ def agc_skip_rates(run_dir: Path, dup: torch.Tensor, iet=None, captions: list[st
     rates = {"dup_skip_rate": rate(dup), "unique_skip_rate": rate(~dup)}
     if iet is None or iet.agc_latch is None or "streak" not in ledger:
         return rates
-    groups = duplicated_caption_groups(captions) if iet.agc_latch_by == "caption" else None
-    held = latched(ledger["streak"], iet.agc_latch, torch.arange(len(dup)), groups)
+    held = latched(ledger["streak"], iet.agc_latch, torch.arange(len(dup)), latch_groups(iet.agc_latch_by, captions))
     return rates | {"dup_latched": held[dup].double().mean().item(),
                     "unique_latched": held[~dup].double().mean().item()}
 

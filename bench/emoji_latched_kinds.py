@@ -20,7 +20,7 @@ from results_io import RESULTS, write_results  # noqa: E402
 
 from memsafe.config import load_config  # noqa: E402
 from memsafe.data import load_dataset  # noqa: E402
-from memsafe.defenses.iet_agc.agc import duplicated_caption_groups, latched  # noqa: E402
+from memsafe.defenses.iet_agc.agc import latch_groups, latched  # noqa: E402
 from memsafe.train.checkpoint import latest_checkpoint, read_state  # noqa: E402
 
 # The first of these words in a caption names its kind; any other caption is "other".
@@ -40,7 +40,7 @@ def latched_kinds(run_dir: Path) -> dict:
     records = [json.loads(line) for line in (Path(config.data.source) / "metadata.jsonl").read_text().splitlines()]
     records = {record["file_name"]: record for record in records}
     streak = read_state(latest_checkpoint(run_dir / "checkpoints") / "iet")["ledger"]["streak"]
-    groups = duplicated_caption_groups(train_set.captions) if config.defense.iet_agc.agc_latch_by == "caption" else None
+    groups = latch_groups(config.defense.iet_agc.agc_latch_by, train_set.captions)
     is_held = latched(streak, latch, torch.arange(len(streak)), groups).tolist()
     counts, held = Counter(), Counter()
     for name, is_latched in zip(train_set.names, is_held):

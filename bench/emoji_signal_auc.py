@@ -166,8 +166,8 @@ def signals(run_dir: Path, draws: int, neighbours: int) -> dict:
     distinct = distinct_emoji(train_set)
     captions = [train_set.captions[i] for i in distinct]
     states, empty = run.encoder.encode(captions), run.encoder.encode([""])
-    conditions = {"own": states, "empty": empty.expand_as(states),
-                  "neighbour": states[nearest_other_captions(states, captions)[:, 0]]}
+    nearest = nearest_other_captions(states, captions, max(1, neighbours))
+    conditions = {"own": states, "empty": empty.expand_as(states), "neighbour": states[nearest[:, 0]]}
     per_draw = log_losses(run, train_set.as_model_input()[distinct], conditions, draws)
     logs = {name: per_draw[name].mean(0) for name in conditions}
     empty_gain, neighbour_gain = log_gain(logs), logs["own"] - logs["neighbour"]
@@ -175,7 +175,7 @@ def signals(run_dir: Path, draws: int, neighbours: int) -> dict:
     def z(v: torch.Tensor) -> torch.Tensor:
         return (v - v.mean()) / v.std()
 
-    kind = empty_gain[nearest_other_captions(states, captions, neighbours)].median(1).values
+    kind = empty_gain[nearest[:, :neighbours]].median(1).values
     found = {"empty_gain": empty_gain, "neighbour_gain": neighbour_gain, "loss": logs["own"],
              "gain+loss": z(empty_gain) + z(logs["own"]), "kind_gain": empty_gain - kind,
              "empty_loss": logs["empty"]}

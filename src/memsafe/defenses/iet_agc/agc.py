@@ -112,6 +112,11 @@ def duplicated_caption_groups(captions: list[str]) -> torch.Tensor:
     return torch.tensor(keys, dtype=torch.long)
 
 
+def latch_groups(latch_by: str, captions: list[str] | None) -> torch.Tensor | None:
+    """The latch's streak keys for `defense.iet_agc.agc_latch_by`: None by sample, caption groups by caption."""
+    return duplicated_caption_groups(captions) if latch_by == "caption" else None
+
+
 def latched(streak: torch.Tensor, latch: int, index: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """Which of the samples `index` a latch of `latch` readings holds, from the ledger's streaks (counted on each
     sample's `groups` key where given: see duplicated_caption_groups)."""

@@ -14,7 +14,7 @@ from accelerate.utils import gather_object
 from memsafe.config import RunConfig
 from memsafe.data.images import ImageSet
 from memsafe.defenses.contract import HookMaker
-from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, duplicated_caption_groups
+from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, latch_groups
 from memsafe.defenses.iet_agc.augment import LossDrivenAugmentation
 from memsafe.defenses.iet_agc.config import agc_ratio, schedule, small_shard_warning
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
@@ -104,7 +104,7 @@ class IETTrainer:
                 f"several processes' shards, and their shared streak is not merged): run it without the {processes} "
                 "processes, or use agc_latch_by: sample"
             )
-        latch_groups = duplicated_caption_groups(train_set.captions) if iet.agc_latch_by == "caption" else None
+        groups = latch_groups(iet.agc_latch_by, train_set.captions)
         self.owned = [k for k in range(iet.shards) if k % processes == rank]
         warning = small_shard_warning(iet, len(train_set), config.train.batch_size)
         if warning and self.accelerator.is_main_process:
@@ -123,7 +123,7 @@ class IETTrainer:
             agc = AntiGradientControl(bank, self.ledger, self.ratio, skip=iet.agc, signal=iet.agc_signal,
                                       timesteps=iet.agc_timesteps, read_share=iet.agc_read_share,
                                       seed=config.train.seed * 1000 + shard, release=iet.agc_release,
-                                      latch=iet.agc_latch, latch_groups=latch_groups)
+                                      latch=iet.agc_latch, latch_groups=groups)
             hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
             self.agc.append(agc)
             self.proxies.append(
