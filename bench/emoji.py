@@ -110,6 +110,10 @@ VARIANTS["iet_agc_plus_mid_release_latch4"] = VARIANTS["iet_agc_plus_mid_release
 # never latches (by sample, the latch held 81-85 % of the unique flags at 2,400 steps: their captions pin them)
 VARIANTS["iet_agc_plus_mid_release_latch_caption"] = VARIANTS["iet_agc_plus_mid_release_latch"] | {
     "defense.iet_agc.agc_latch_by": "caption"}
+# ... with no per-draw skips: readings only count toward the latch by caption, and only latched draws leave (the
+# per-draw rule skipped 17-18 % of the unique images' draws once the copies had latched)
+VARIANTS["iet_agc_plus_mid_latch_caption_only"] = VARIANTS["iet_agc_plus_mid_release_latch_caption"] | {
+    "defense.iet_agc.agc_per_draw": False}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

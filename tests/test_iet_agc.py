@@ -183,6 +183,8 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
          "agc_latch_by must be sample or caption, got 'image'"),
         ({"name": "iet_agc", "iet_agc": {"agc_latch": 3, "agc_latch_by": "caption"}},
          "agc_latch_by caption shares a latch's streak among the samples of one caption: it needs agc_latch set and captions"),
+        ({"name": "iet_agc", "iet_agc": {"agc_per_draw": False}},
+         "agc_per_draw false leaves the latch as AGC's only way to skip a sample, and agc_latch is not set"),
     ],
 )
 def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message):
@@ -344,6 +346,25 @@ def test_a_latch_by_caption_shares_one_streak_among_a_captions_copies_and_spares
     kept = agc.on_batch_start({"index": torch.tensor([6, 3, 0, 1]), "timesteps": torch.tensor([3, 3, 3, 3]),
                                "pixels": torch.zeros(4, 1, 2, 2)}, None)
     assert kept["index"].tolist() == [3, 1]  # the flag, read under on every visit, still trains
+
+
+def test_without_per_draw_skips_only_a_latched_sample_leaves():
+    """agc_per_draw false: a reading under bank / 1.25 skips nothing on its own, it only counts toward the latch;
+    the same readings with the per-draw rule skip the first low draw already."""
+    batch = {"index": torch.tensor([0, 1]), "timesteps": torch.tensor([3, 3]), "pixels": torch.zeros(2, 1, 2, 2)}
+    weights = {}
+    for per_draw in (True, False):
+        bank = LossBank(num_timesteps=10, decay=0.0)
+        ledger = SampleLedger(2)
+        agc = AntiGradientControl(bank, ledger, ratio=1.25, latch=3, per_draw=per_draw)
+        weights[per_draw] = []
+        for reading in (0.7, 0.9, 0.7, 0.7, 0.7):  # 0.9 breaks the streak: latched after the fifth reading
+            bank.values.fill_(1.0)  # a fixed running mean: the relative losses are the draws
+            weights[per_draw].append(agc.on_losses(torch.tensor([reading, 0.6]), batch, None).tolist())
+        passing = agc.on_batch_start(dict(batch), None)["index"].tolist()
+        assert passing == [0] and ledger.streak.tolist() == [3, 5]  # both latched; one draw stays for the backward
+    assert weights[True] == [[0.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    assert weights[False] == [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 0.0]]  # latched: read, not trained
 
 
 def test_outer_step_is_nesterov_sgd_on_the_rounds_pseudo_gradient():
@@ -513,7 +534,8 @@ def test_agc_reads_its_share_of_the_draws_and_judges_the_rest_on_their_last_read
 @pytest.mark.parametrize("rule", [{"agc_signal": "caption_gain"},
                                   {"agc_signal": "caption_gain_loss", "agc_release": 1.0, "bank_bins": 20},
                                   {"agc_signal": "caption_gain", "agc_release": 1.0, "agc_latch": 2},
-                                  {"agc_signal": "caption_gain", "agc_latch": 2, "agc_latch_by": "caption"}])
+                                  {"agc_signal": "caption_gain", "agc_latch": 2, "agc_latch_by": "caption"},
+                                  {"agc_signal": "caption_gain", "agc_latch": 1, "agc_per_draw": False}])
 def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp_path, rule):
     """Through the CLI: AGC's skip rate counts every draw, those dropped before the forward pass included."""
     values = tiny_config_dict(tmp_path / "run", model={"conditioning": "text"},

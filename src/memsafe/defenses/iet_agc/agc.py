@@ -186,15 +186,20 @@ class AntiGradientControl(TrainHook):
 
     With `latch_groups` (one key per sample: the first sample with its caption, -1 for a sample that may not
     latch) the samples of one key share one streak, counted in draw order: a caption carried by many copies is
-    read as often as they are drawn, and latches them all at once."""
+    read as often as they are drawn, and latches them all at once.
+
+    With `per_draw=False` (a latch set) no draw is skipped on its own reading: readings only count toward the latch,
+    and a sample leaves only once latched. The per-draw rule also skips the low tail of every unique image's draws
+    (14-18 % of them on the emoji), which costs quality a latch alone does not."""
 
     name = "agc"
 
     def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss",
                  timesteps: tuple[int, int] | None = None, read_share: float = 1.0, seed: int = 0,
-                 release: float | None = None, latch: int | None = None, latch_groups: torch.Tensor | None = None):
+                 release: float | None = None, latch: int | None = None, latch_groups: torch.Tensor | None = None,
+                 per_draw: bool = True):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
-        self.release, self.latch, self.latch_groups = release, latch, latch_groups
+        self.release, self.latch, self.latch_groups, self.per_draw = release, latch, latch_groups, per_draw
         # caption_gain_loss: the loss's own bank (geometric, binned), beside the gain's
         self.loss_bank = None
         if signal == "caption_gain_loss":
@@ -260,7 +265,9 @@ class AntiGradientControl(TrainHook):
         return kept.float() if self.skip else None
 
     def skips(self, score: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The rule: which draws (of the samples `index`) a score (relative loss or gain) skips."""
+        """The rule: which draws (of the samples `index`) a score (relative loss or gain) skips on its own."""
+        if not self.per_draw:
+            return torch.zeros_like(score, dtype=torch.bool)
         if self.release is None:
             return self.below(score)
         return torch.where(self.ledger.flagged[index], score < self.release, self.below(score))

@@ -85,6 +85,9 @@ class IETConfig:
     # caption many samples carry is read as often as they are drawn. Copies under different captions are not
     # latched this way.
     agc_latch_by: str = "sample"
+    # False (with agc_latch set): AGC skips no draw on its own reading; readings only count toward the latch, and a
+    # sample leaves only once latched. The per-draw rule also skips the low tail of every unique image's draws.
+    agc_per_draw: bool = True
     # The outer step (DiLoCo's outer Nesterov optimizer): the round's averaged change is a pseudo-gradient
     # stepped with this learning rate and momentum. 1.0 and 0.0: the global model is the proxies' plain mean.
     outer_learning_rate: float = 1.0
@@ -195,6 +198,11 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(
             f"{where}.agc_latch_by caption shares a latch's streak among the samples of one caption: it needs "
             "agc_latch set and captions (model.conditioning: text)"
+        )
+    if not iet.agc_per_draw and iet.agc_latch is None:
+        raise MemsafeError(
+            f"{where}.agc_per_draw false leaves the latch as AGC's only way to skip a sample, and agc_latch is not "
+            "set: AGC would skip nothing; set agc_latch (e.g. 3) or agc_per_draw: true"
         )
     if not 0.0 <= iet.agc_smoothing < 1.0:
         raise MemsafeError(f"{where}.agc_smoothing must be in [0, 1), got {iet.agc_smoothing}")
