@@ -114,6 +114,10 @@ VARIANTS["iet_agc_plus_mid_release_latch_caption"] = VARIANTS["iet_agc_plus_mid_
 # per-draw rule skipped 17-18 % of the unique images' draws once the copies had latched)
 VARIANTS["iet_agc_plus_mid_latch_caption_only"] = VARIANTS["iet_agc_plus_mid_release_latch_caption"] | {
     "defense.iet_agc.agc_per_draw": False}
+# ... and no loss-driven augmentation: with the copies latched, the bank is the unique images' own mean, and half
+# their draws read under it and are augmented (mean strength 0.39 by 1,000 steps)
+VARIANTS["iet_agc_plus_mid_latch_caption_only_no_augment"] = VARIANTS["iet_agc_plus_mid_latch_caption_only"] | {
+    "defense.iet_agc.augment": False}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
