@@ -118,6 +118,12 @@ VARIANTS["iet_agc_plus_mid_latch_caption_only"] = VARIANTS["iet_agc_plus_mid_rel
 # their draws read under it and are augmented (mean strength 0.39 by 1,000 steps)
 VARIANTS["iet_agc_plus_mid_latch_caption_only_no_augment"] = VARIANTS["iet_agc_plus_mid_latch_caption_only"] | {
     "defense.iet_agc.augment": False}
+# ... and a latched emoji leaves its shard at the next round: the batches fill with the others, as on deduplicated
+# data (by batch, the unique emoji are drawn no more often than beside the copies)
+VARIANTS["iet_agc_plus_mid_latch_caption_retire"] = VARIANTS["iet_agc_plus_mid_latch_caption_only"] | {
+    "defense.iet_agc.agc_latch_leaves": "shard"}
+VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment"] = VARIANTS["iet_agc_plus_mid_latch_caption_retire"] | {
+    "defense.iet_agc.augment": False}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

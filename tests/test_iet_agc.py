@@ -183,6 +183,8 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
          "agc_latch_by must be sample or caption, got 'image'"),
         ({"name": "iet_agc", "iet_agc": {"agc_latch": 3, "agc_latch_by": "caption"}},
          "agc_latch_by caption shares a latch's streak among the samples of one caption: it needs agc_latch set and captions"),
+        ({"name": "iet_agc", "iet_agc": {"agc_latch": 3, "agc_latch_leaves": "epoch"}},
+         "agc_latch_leaves must be batch or shard, got 'epoch'"),
         ({"name": "iet_agc", "iet_agc": {"agc_per_draw": False}},
          "agc_per_draw false leaves the latch as AGC's only way to skip a sample, and agc_latch is not set"),
     ],
@@ -550,6 +552,28 @@ def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp
     skip_rates = [entry["skip_rate"] for entry in logged if "skip_rate" in entry]
     assert len(skip_rates) == 6 and max(skip_rates) > 0
     assert all(abs(rate * 160 - round(rate * 160)) < 1e-9 for rate in skip_rates)  # of all 10 x 16 draws a round
+
+
+def test_latched_samples_leave_their_shard_at_the_next_round_when_told(tmp_path):
+    """agc_latch_leaves shard: each round's proxy draws from its shard less the samples latched so far, so the
+    logged shard size falls while the draws a round stay 10 batches of 16; by batch it stays the whole shard."""
+    sizes = {}
+    for leaves in ("batch", "shard"):
+        values = tiny_config_dict(tmp_path / leaves, model={"conditioning": "text"},
+                                  train={"max_steps": 60, "log_every": 10})
+        values["defense"] = {"name": "iet_agc", "iet_agc": {
+            "shards": 1, "local_steps": 10, "agc_ratio": 1.0, "agc_smoothing": 0.0, "augment": False,
+            "agc_signal": "caption_gain", "agc_timesteps": [0, 1000], "agc_latch": 1, "agc_per_draw": False,
+            "agc_latch_leaves": leaves}}
+        config_path = tmp_path / f"{leaves}.yaml"
+        config_path.write_text(yaml.safe_dump(values))
+        assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
+        logged = [json.loads(line) for line in (tmp_path / leaves / "log.jsonl").read_text().splitlines()]
+        sizes[leaves] = [entry["shard_size"] for entry in logged if "shard_size" in entry]
+        assert len(sizes[leaves]) == 6
+    assert sizes["batch"] == [48] * 6
+    assert sizes["shard"][0] == 48 and 1 <= sizes["shard"][-1] < 48
+    assert sizes["shard"] == sorted(sizes["shard"], reverse=True)  # a latch is for good
 
 
 def test_the_loops_kept_fraction_counts_the_draws_a_hook_dropped_before_the_forward_pass(tiny_config):

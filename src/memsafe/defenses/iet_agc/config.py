@@ -88,6 +88,10 @@ class IETConfig:
     # False (with agc_latch set): AGC skips no draw on its own reading; readings only count toward the latch, and a
     # sample leaves only once latched. The per-draw rule also skips the low tail of every unique image's draws.
     agc_per_draw: bool = True
+    # Where a latched sample goes: "batch" (its draws leave each batch before the forward pass: smaller batches, less
+    # compute) or "shard" (it also leaves its shard at the next round, so the batches fill with the other samples,
+    # as on deduplicated data: full compute, the unique samples drawn as often as deduplication would draw them).
+    agc_latch_leaves: str = "batch"
     # The outer step (DiLoCo's outer Nesterov optimizer): the round's averaged change is a pseudo-gradient
     # stepped with this learning rate and momentum. 1.0 and 0.0: the global model is the proxies' plain mean.
     outer_learning_rate: float = 1.0
@@ -199,6 +203,8 @@ def validate(config: RunConfig) -> None:
             f"{where}.agc_latch_by caption shares a latch's streak among the samples of one caption: it needs "
             "agc_latch set and captions (model.conditioning: text)"
         )
+    if iet.agc_latch_leaves not in ("batch", "shard"):
+        raise MemsafeError(f"{where}.agc_latch_leaves must be batch or shard, got {iet.agc_latch_leaves!r}")
     if not iet.agc_per_draw and iet.agc_latch is None:
         raise MemsafeError(
             f"{where}.agc_per_draw false leaves the latch as AGC's only way to skip a sample, and agc_latch is not "

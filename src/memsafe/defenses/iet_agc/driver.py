@@ -176,6 +176,15 @@ class IETTrainer:
     def shard_members(self, k: int) -> torch.Tensor:
         return torch.nonzero(self.assignment == k).squeeze(1)
 
+    def training_members(self, index: int) -> torch.Tensor:
+        """The samples proxy `index` draws from this round: its shard, less the latched samples where they leave it
+        (`agc_latch_leaves: shard`; one sample stays, so the proxy still has batches)."""
+        members = self.shard_members(self.owned[index])
+        if self.iet.agc_latch_leaves != "shard":
+            return members
+        held = self.agc[index].latched(members)
+        return members[~held] if not held.all() else members[:1]
+
     def round_steps(self, max_steps: int) -> list[int]:
         """Local steps of each proxy this round; the last round shares out the remaining steps by shard size."""
         remaining = max_steps - self.step
@@ -187,7 +196,7 @@ class IETTrainer:
     def train_proxy(self, index: int, steps: int, bar) -> dict[str, float]:
         k, proxy = self.owned[index], self.proxies[index]
         self.activate(index)
-        members = self.shard_members(k)
+        members = self.training_members(index)
         proxy.use_subset(members, seed=(self.config.train.seed * 7919 + self.round) * 101 + k)
         losses = []
         for _ in range(steps):
