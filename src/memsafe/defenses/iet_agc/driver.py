@@ -180,7 +180,7 @@ class IETTrainer:
         """The samples proxy `index` draws from this round: its shard, less the latched samples where they leave it
         (`agc_latch_leaves: shard`; one sample stays, so the proxy still has batches)."""
         members = self.shard_members(self.owned[index])
-        if self.iet.agc_latch_leaves != "shard":
+        if self.iet.agc_latch_leaves != "shard" or not self.iet.agc:  # agc: false keeps statistics, skips nothing
             return members
         held = self.agc[index].latched(members)
         return members[~held] if not held.all() else members[:1]
