@@ -187,6 +187,9 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
          "agc_latch_leaves must be batch or shard, got 'epoch'"),
         ({"name": "iet_agc", "iet_agc": {"agc_per_draw": False}},
          "agc_per_draw false leaves the latch as AGC's only way to skip a sample, and agc_latch is not set"),
+        ({"name": "iet_agc", "iet_agc": {"agc_bank_share": 0.0}}, "agc_bank_share must be in (0, 1], got 0.0"),
+        ({"name": "iet_agc", "iet_agc": {"agc_latch": 3, "agc_per_draw": False, "agc_bank_share": 0.25}},
+         "agc_bank_share 0.25 leaves unread the draws that can latch nothing, which only agc_latch_by: caption"),
     ],
 )
 def test_bad_iet_settings_are_one_line_errors(tmp_path, capsys, defense, message):
@@ -369,6 +372,34 @@ def test_without_per_draw_skips_only_a_latched_sample_leaves():
     assert weights[False] == [[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 0.0]]  # latched: read, not trained
 
 
+def test_a_bank_share_reads_the_draws_that_cannot_latch_at_that_rate_and_feeds_the_bank_fairly():
+    """agc_bank_share 0.25 (latch by caption, no per-draw skips): the copies of a shared caption are read on every
+    draw for their streak; a caption of its own, which can latch nothing, is read on about a quarter of its draws;
+    only a quarter of each kind enters the bank. Once the copies latch, their draws leave unread."""
+    captions = ["a cat"] * 4 + [f"emoji {i}" for i in range(4)]
+    index = torch.arange(8).repeat(250)  # 2,000 draws, half of them copies
+    batch = {"index": index, "timesteps": torch.full_like(index, 3), "pixels": torch.zeros(len(index), 1, 2, 2)}
+    bank = LossBank(num_timesteps=10, decay=0.0)
+    agc = AntiGradientControl(bank, SampleLedger(8), ratio=1.25, latch=10**6, per_draw=False, bank_share=0.25,
+                              latch_groups=duplicated_caption_groups(captions))
+    read = agc.on_batch_start(dict(batch), None)
+    copies = index < 4
+    assert read["agc_read"][copies].all()
+    assert 0.2 < read["agc_read"][~copies].double().mean() < 0.3
+    assert not (read["agc_bank"] & ~read["agc_read"]).any()
+    for kind in (copies, ~copies):
+        assert 0.2 < read["agc_bank"][kind].double().mean() < 0.3
+    # the bank (decay 0: its last banked reading) takes a unique draw's 1.0 or a copy's 0.5, never an unbanked one
+    readings = torch.where(copies, 0.5, 1.0)
+    bank.values.fill_(1.0)  # a running mean to read against: each copy's reading is under 1 / 1.25
+    agc.on_losses(readings, read, None)
+    last_banked = readings[read["agc_bank"]][-1].item()
+    assert bank.values[3].item() == last_banked
+    assert agc.ledger.streak[0].item() == int(read["agc_read"][copies].sum())  # every copy's reading counted
+    agc.latch = 3
+    assert agc.on_batch_start(dict(batch), None)["index"].unique().tolist() == [4, 5, 6, 7]
+
+
 def test_outer_step_is_nesterov_sgd_on_the_rounds_pseudo_gradient():
     """DiLoCo's outer optimizer: torch's own Nesterov SGD, stepped on (round start - proxies' mean)."""
     torch.manual_seed(0)
@@ -537,7 +568,9 @@ def test_agc_reads_its_share_of_the_draws_and_judges_the_rest_on_their_last_read
                                   {"agc_signal": "caption_gain_loss", "agc_release": 1.0, "bank_bins": 20},
                                   {"agc_signal": "caption_gain", "agc_release": 1.0, "agc_latch": 2},
                                   {"agc_signal": "caption_gain", "agc_latch": 2, "agc_latch_by": "caption"},
-                                  {"agc_signal": "caption_gain", "agc_latch": 1, "agc_per_draw": False}])
+                                  {"agc_signal": "caption_gain", "agc_latch": 1, "agc_per_draw": False},
+                                  {"agc_signal": "caption_gain", "agc_latch": 2, "agc_latch_by": "caption",
+                                   "agc_per_draw": False, "agc_bank_share": 0.5, "bank_bins": 20}])
 def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp_path, rule):
     """Through the CLI: AGC's skip rate counts every draw, those dropped before the forward pass included."""
     values = tiny_config_dict(tmp_path / "run", model={"conditioning": "text"},

@@ -190,15 +190,20 @@ class AntiGradientControl(TrainHook):
 
     With `per_draw=False` (a latch set) no draw is skipped on its own reading: readings only count toward the latch,
     and a sample leaves only once latched. The per-draw rule also skips the low tail of every unique image's draws
-    (14-18 % of them on the emoji), which costs quality a latch alone does not."""
+    (14-18 % of them on the emoji), which costs quality a latch alone does not.
+
+    With `bank_share` < 1 (latch groups, per_draw=False) a draw whose caption can no longer latch is read only
+    with that probability, for the bank: its reading could change nothing else. A draw that can latch is always
+    read for its streak, but enters the bank with the same probability, so the bank stays a fair sample."""
 
     name = "agc"
 
     def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss",
                  timesteps: tuple[int, int] | None = None, read_share: float = 1.0, seed: int = 0,
                  release: float | None = None, latch: int | None = None, latch_groups: torch.Tensor | None = None,
-                 per_draw: bool = True):
+                 per_draw: bool = True, bank_share: float = 1.0):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
+        self.bank_share = bank_share
         self.release, self.latch, self.latch_groups, self.per_draw = release, latch, latch_groups, per_draw
         # caption_gain_loss: the loss's own bank (geometric, binned), beside the gain's
         self.loss_bank = None
@@ -232,6 +237,9 @@ class AntiGradientControl(TrainHook):
         if self.read_share < 1.0:  # a share of the readable draws, at random
             read &= torch.rand(len(read), generator=self.generator) < self.read_share
         batch = batch | {"agc_read": read}
+        if self.bank_share < 1.0:
+            banked = read & (torch.rand(len(read), generator=self.generator) < self.bank_share)
+            batch |= {"agc_read": banked | (read & self.can_latch(batch["index"].cpu())), "agc_bank": banked}
         if not self.skip:
             return batch
         index = batch["index"].cpu()
@@ -250,15 +258,16 @@ class AntiGradientControl(TrainHook):
         values = caption_gain(losses, batch, trainer, read) if self.signal in CAPTION_SIGNALS else losses
         values = torch.where(read, values.cpu(), math.nan)
         relative = self.bank.relative(values, timesteps)
+        banked = batch["agc_bank"].cpu() if "agc_bank" in batch else read
         if self.loss_bank is not None:
             losses = torch.where(read, losses.detach().cpu(), math.nan)
             relative = relative * self.loss_bank.relative(losses, timesteps) ** LOSS_WEIGHT
-            self.loss_bank.update(losses, timesteps)
+            self.loss_bank.update(torch.where(banked, losses, math.nan), timesteps)
         score = self.ledger.smooth(index, relative)
         kept = torch.ones_like(values, dtype=torch.bool)
         if self.skip:  # a latched draw is here only as the one kept for the backward pass: it does not train
             kept = ~self.skips(score, index) & ~self.latched(index)
-        self.bank.update(values, timesteps)
+        self.bank.update(torch.where(banked, values, math.nan), timesteps)
         self.ledger.record(index, kept, relative, below=self.below(score), streak_keys=self.streak_keys(index))
         self.kept += int(kept.sum())
         self.seen += len(kept)
@@ -279,6 +288,10 @@ class AntiGradientControl(TrainHook):
     def streak_keys(self, index: torch.Tensor) -> torch.Tensor | None:
         """Where each sample's latch streak is counted: its own (None), or its group's key."""
         return None if self.latch_groups is None else self.latch_groups[index]
+
+    def can_latch(self, index: torch.Tensor) -> torch.Tensor:
+        """Which of the samples `index` a reading could still latch: a shared caption, not latched yet."""
+        return (self.latch_groups[index] >= 0) & ~self.latched(index)
 
     def latched(self, index: torch.Tensor) -> torch.Tensor:
         if self.latch is None:

@@ -92,6 +92,11 @@ class IETConfig:
     # compute) or "shard" (it also leaves its shard at the next round, so the batches fill with the other samples,
     # as on deduplicated data: full compute, the unique samples drawn as often as deduplication would draw them).
     agc_latch_leaves: str = "batch"
+    # Under agc_latch_by: caption with agc_per_draw: false a draw whose caption can no longer latch (one of its own,
+    # or latched already) only feeds the bank: below 1, such draws are read with this probability, and the draws
+    # that can latch enter the bank with it too (so the bank stays a fair sample of the draws it reads), but are
+    # always read for their streak. The caption gain's extra pass then runs mostly on the draws that can latch.
+    agc_bank_share: float = 1.0
     # The outer step (DiLoCo's outer Nesterov optimizer): the round's averaged change is a pseudo-gradient
     # stepped with this learning rate and momentum. 1.0 and 0.0: the global model is the proxies' plain mean.
     outer_learning_rate: float = 1.0
@@ -205,6 +210,14 @@ def validate(config: RunConfig) -> None:
         )
     if iet.agc_latch_leaves not in ("batch", "shard"):
         raise MemsafeError(f"{where}.agc_latch_leaves must be batch or shard, got {iet.agc_latch_leaves!r}")
+    if not 0.0 < iet.agc_bank_share <= 1.0:
+        raise MemsafeError(f"{where}.agc_bank_share must be in (0, 1], got {iet.agc_bank_share}")
+    if iet.agc_bank_share < 1.0 and (iet.agc_per_draw or iet.agc_latch_by != "caption"):
+        raise MemsafeError(
+            f"{where}.agc_bank_share {iet.agc_bank_share} leaves unread the draws that can latch nothing, which only "
+            "agc_latch_by: caption with agc_per_draw: false allows (otherwise every reading can skip its draw): "
+            "set both, or agc_bank_share: 1.0"
+        )
     if not iet.agc_per_draw and iet.agc_latch is None:
         raise MemsafeError(
             f"{where}.agc_per_draw false leaves the latch as AGC's only way to skip a sample, and agc_latch is not "
