@@ -12,7 +12,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 # Keys of a results file that are not variants: its settings and where it came from (`provenance`).
-METADATA = ("settings", "command", "git_commit", "uncommitted_changes", "date", "recorded", "renamed")
+METADATA = ("settings", "command", "git_commit", "torch_threads", "uncommitted_changes", "date", "recorded", "renamed")
 CARRIED = ("recorded", "renamed")  # notes on a file's history, kept when runs are merged into it
 
 
@@ -30,7 +30,10 @@ def read_provenance() -> dict:
         done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
         return done.stdout.strip() if done.returncode == 0 else "unknown"
 
+    import torch  # the thread count changes float sums, and over a run's steps the model: worth recording
+
     return {"command": " ".join(["python", *sys.argv]), "git_commit": git("rev-parse", "HEAD"),
+            "torch_threads": torch.get_num_threads(),
             # the results folder is left out: a benchmark that merges seeds rewrites its own file between runs
             "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".",
                                             ":(exclude)bench/results")),
@@ -51,7 +54,7 @@ def add_run(runs: dict[str, list[dict]], name: str, record: dict) -> None:
     """Puts a new run of variant `name` into `runs` (replacing one of the same seed), stamped with the command
     line and commit that produced it: a file merged from several invocations names only the last at its top."""
     stamp = provenance()
-    record = record | {key: stamp[key] for key in ("command", "git_commit", "uncommitted_changes")}
+    record = record | {key: stamp[key] for key in ("command", "git_commit", "torch_threads", "uncommitted_changes")}
     runs[name] = with_run(runs.get(name, []), record)
 
 
