@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from iet import IET  # noqa: E402
 from iet import VARIANTS as IET_VARIANTS  # noqa: E402
-from results_io import (RESULTS, add_run, previous_runs, run_name, same_seed_change, seed_summary,  # noqa: E402
+from results_io import (RESULTS, add_run, mean_change, previous_runs, run_name, same_seed_change, seed_summary,  # noqa: E402
                         variant_and_seed, write_results)
 
 from memsafe.config import config_from_dict, merge  # noqa: E402
@@ -380,11 +380,12 @@ def markdown(results: dict) -> list[str]:
     shown = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd", "dup_memorized_nn",
              "dup_copy_rate_sscd", "unique_copy_rate_sscd", "holdout_copy_rate_sscd", "fid",
              "heldout_loss", "mia_auc", "dup_loss_ratio", "dup_skip_rate", "unique_skip_rate", "wall_s")
-    lines = ["| variant | " + " | ".join(shown) + " | FID vs plain | held-out loss vs plain |",
+    lines = ["| variant | " + " | ".join(shown) + " | FID vs plain's mean | held-out loss vs plain, same seeds |",
              "|---|" + "---|" * (len(shown) + 2)]
     for name, r in results.items():
         cells = [f"{r[k]:.3f} ± {r[f'{k}_std']:.3f}" if k in r else "-" for k in shown]
-        relative = [same_seed_change(r["runs"], plain["runs"] if plain else [], k) for k in ("fid", "heldout_loss")]
+        plain_runs = plain["runs"] if plain else []
+        relative = [mean_change(r["runs"], plain_runs, "fid"), same_seed_change(r["runs"], plain_runs, "heldout_loss")]
         lines.append(f"| {name} | " + " | ".join(cells + relative) + " |")
     return lines + [""] + guidance_table(results)
 

@@ -102,6 +102,16 @@ def same_seed_change(runs: list[dict], plain_runs: list[dict], key: str, togethe
     return f"{(sum(ratios) / len(ratios) - 1) * 100:+.1f} % (seeds {len(ratios)})" if ratios else "-"
 
 
+def mean_change(runs: list[dict], plain_runs: list[dict], key: str) -> str:
+    """The change of `key`'s mean over plain's mean over all its runs: for readings that a run on another machine
+    or thread count (another float order) moves as far as another seed does, where a same-seed pair would pair
+    two unrelated draws (plain's seed 0 read FID 6.25 and 7.62 on two machines, docs/research/iet-agc.md)."""
+    mine, theirs = [r[key] for r in runs if key in r], [r[key] for r in plain_runs if key in r]
+    if not mine or not theirs:
+        return "-"
+    return f"{(statistics.fmean(mine) / statistics.fmean(theirs) - 1) * 100:+.1f} % ({len(mine)} vs {len(theirs)} runs)"
+
+
 def provenance_line() -> str:
     stamp = provenance()
     dirty = " (with uncommitted changes)" if stamp["uncommitted_changes"] else ""
