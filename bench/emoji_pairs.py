@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results_io import CARRIED, METADATA, RESULTS, provenance, write_json  # noqa: E402
+from results_io import CARRIED, METADATA, RESULTS, run_stamp, write_json  # noqa: E402
 
 
 def pair(variant: str, plain_path: Path, defended_path: Path, conditions: str) -> dict:
@@ -42,8 +42,7 @@ def main() -> None:
         given = {p["seed"] for p in pairs}
         pairs = sorted([p for p in entries[args.variant]["pairs"] if p["seed"] not in given] + pairs,
                        key=lambda p: p["seed"])
-    stamp = provenance()
-    entries[args.variant] = {"pairs": pairs} | {key: stamp[key] for key in ("command", "git_commit", "uncommitted_changes")}
+    entries[args.variant] = {"pairs": pairs} | run_stamp()
     write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous})
     for p in pairs:
         print(p["seed"], {k: round(v, 3) for k, v in p.items() if k.endswith("_ratio")}, p["conditions"])

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from emoji import VARIANTS, base_config, split_emoji  # noqa: E402
-from results_io import CARRIED, METADATA, RESULTS, provenance, run_name, write_json  # noqa: E402
+from results_io import CARRIED, METADATA, RESULTS, run_name, run_stamp, write_json  # noqa: E402
 
 from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.runs import train_run  # noqa: E402
@@ -70,9 +70,7 @@ def main() -> None:
     # the split of bench/emoji.py's defaults: 1,000 distinct emoji, 10 of them x 100, 500 held out
     split_emoji(Path(args.folder), 1000, 10, 100, 500, 0, args.workdir / "data")
     found = side_by_side(args.variant, args.seed, args.steps, args.workdir / "data", args.workdir / "runs", cores)
-    stamp = provenance()
-    found |= {key: stamp[key] for key in ("command", "git_commit", "torch_threads", "uncommitted_changes")}
-    found["torch_threads"] = 1  # the children's (OMP_NUM_THREADS=1), not this parent's
+    found |= run_stamp() | {"torch_threads": 1}  # the children's (OMP_NUM_THREADS=1), not this parent's
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries = {name: value for name, value in previous.items() if name not in METADATA}
     pairs = [p for p in entries.get(args.variant, {}).get("pairs", [])

@@ -14,6 +14,7 @@ RESULTS = Path(__file__).parent / "results"
 # Keys of a results file that are not variants: its settings and where it came from (`provenance`).
 METADATA = ("settings", "command", "git_commit", "torch_threads", "uncommitted_changes", "date", "recorded", "renamed")
 CARRIED = ("recorded", "renamed")  # notes on a file's history, kept when runs are merged into it
+RUN_STAMP = ("command", "git_commit", "torch_threads", "uncommitted_changes")  # what each run (or pair) carries
 
 
 def provenance() -> dict:
@@ -50,11 +51,16 @@ def previous_runs(out: Path, merge: bool) -> tuple[dict[str, list[dict]], dict]:
     return runs, {key: previous[key] for key in CARRIED if key in previous}
 
 
+def run_stamp() -> dict:
+    """The part of `provenance` each run or pair is stamped with: files merged from several invocations keep it."""
+    stamp = provenance()
+    return {key: stamp[key] for key in RUN_STAMP}
+
+
 def add_run(runs: dict[str, list[dict]], name: str, record: dict) -> None:
     """Puts a new run of variant `name` into `runs` (replacing one of the same seed), stamped with the command
     line and commit that produced it: a file merged from several invocations names only the last at its top."""
-    stamp = provenance()
-    record = record | {key: stamp[key] for key in ("command", "git_commit", "torch_threads", "uncommitted_changes")}
+    record = record | run_stamp()
     runs[name] = with_run(runs.get(name, []), record)
 
 
