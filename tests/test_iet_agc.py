@@ -185,6 +185,8 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
          "agc_latch_by caption shares a latch's streak among the samples of one caption: it needs agc_latch set and captions"),
         ({"name": "iet_agc", "iet_agc": {"agc_latch": 3, "agc_latch_leaves": "epoch"}},
          "agc_latch_leaves must be batch or shard, got 'epoch'"),
+        ({"name": "iet_agc", "iet_agc": {"agc_latch_leaves": "shard"}},
+         "agc_latch_leaves shard moves latched samples out of their shard, and agc_latch is not set"),
         ({"name": "iet_agc", "iet_agc": {"agc_per_draw": False}},
          "agc_per_draw false leaves the latch as AGC's only way to skip a sample, and agc_latch is not set"),
         ({"name": "iet_agc", "iet_agc": {"agc_bank_share": 0.0}}, "agc_bank_share must be in (0, 1], got 0.0"),

@@ -210,6 +210,11 @@ def validate(config: RunConfig) -> None:
         )
     if iet.agc_latch_leaves not in ("batch", "shard"):
         raise MemsafeError(f"{where}.agc_latch_leaves must be batch or shard, got {iet.agc_latch_leaves!r}")
+    if iet.agc_latch_leaves == "shard" and iet.agc_latch is None:
+        raise MemsafeError(
+            f"{where}.agc_latch_leaves shard moves latched samples out of their shard, and agc_latch is not set: no "
+            "sample ever latches; set agc_latch (e.g. 3) or agc_latch_leaves: batch"
+        )
     if not 0.0 < iet.agc_bank_share <= 1.0:
         raise MemsafeError(f"{where}.agc_bank_share must be in (0, 1], got {iet.agc_bank_share}")
     if iet.agc_bank_share < 1.0 and (iet.agc_per_draw or iet.agc_latch_by != "caption"):
