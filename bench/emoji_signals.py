@@ -130,8 +130,7 @@ def main() -> None:
     out = Path(args.out)
     runs, history = previous_runs(out, args.merge)
     with tempfile.TemporaryDirectory() as tmp:
-        # bench/emoji.py's defaults: 1,000 distinct training emoji, 10 of them x 100, 500 held out
-        train, holdout_dir = split_emoji(Path(args.folder), 1000, 10, 100, 500, 0, Path(tmp) / "data")
+        train, holdout_dir = split_emoji(Path(args.folder), Path(tmp) / "data")  # bench/emoji.py's split
         for seed in [int(s) for s in args.seed_list.split(",")]:
             record = run_seed(seed, args, train, holdout_dir, Path(tmp) / "runs")
             add_run(runs, "plain", record)

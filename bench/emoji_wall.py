@@ -1,7 +1,8 @@
 """Training wall time of an emoji variant over plain's, side by side: both runs of one seed start together, one
 thread each, each pinned to its own core (`--cores VARIANT_CORE,PLAIN_CORE`), training only (no evaluation, so
 a pair takes half of `bench/emoji.py`'s time). Run a seed twice with the cores swapped to see how much of a ratio
-is the core. Pairs are added to `--out` (one list per variant; a pair of the same seed and cores replaced).
+is the core; `plain` as the variant runs plain beside itself (the method's noise floor). Pairs are added to `--out`
+(one list per variant; a pair of the same seed and cores replaced).
 
     python bench/emoji_wall.py data/emoji32 VARIANT --seed 0 --cores 0,1 --workdir /tmp/w_wall
 """
@@ -38,8 +39,8 @@ def side_by_side(variant: str, seed: int, steps: int, data: Path, runs: Path, co
     """Both runs as child processes started together, one thread each; their wall times and the ratio."""
     environment = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     children = [subprocess.Popen([sys.executable, __file__, "--worker", name, str(core), str(seed), str(steps),
-                                  str(data), str(runs)], stdout=subprocess.PIPE, text=True, env=environment)
-                for name, core in ((variant, cores[0]), ("plain", cores[1]))]
+                                  str(data), str(runs / side)], stdout=subprocess.PIPE, text=True, env=environment)
+                for name, core, side in ((variant, cores[0], "variant"), ("plain", cores[1], "plain"))]
     outputs = [child.communicate()[0] for child in children]
     if any(child.returncode for child in children):
         raise SystemExit(f"a run failed: exit codes {[child.returncode for child in children]}")
@@ -55,7 +56,7 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="a folder written by `memsafe data emoji ... --size 32`")
-    parser.add_argument("variant", choices=[name for name in VARIANTS if name not in ("plain", "plain_dedup")])
+    parser.add_argument("variant", choices=[name for name in VARIANTS if name != "plain_dedup"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--cores", default="0,1", help="the variant's core and plain's")
@@ -67,8 +68,7 @@ def main() -> None:
         raise SystemExit(f"--cores {args.cores}: give two different cores of this machine's {sorted(os.sched_getaffinity(0))}")
     if args.workdir.exists():
         raise SystemExit(f"--workdir {args.workdir} exists: give a fresh folder (the split and both runs go there)")
-    # the split of bench/emoji.py's defaults: 1,000 distinct emoji, 10 of them x 100, 500 held out
-    split_emoji(Path(args.folder), 1000, 10, 100, 500, 0, args.workdir / "data")
+    split_emoji(Path(args.folder), args.workdir / "data")  # bench/emoji.py's split
     found = side_by_side(args.variant, args.seed, args.steps, args.workdir / "data", args.workdir / "runs", cores)
     found |= run_stamp() | {"torch_threads": 1}  # the children's (OMP_NUM_THREADS=1), not this parent's
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
