@@ -130,6 +130,11 @@ VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment"] = VARIANTS["iet_agc
 VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment_lean"] = VARIANTS[
     "iet_agc_plus_mid_latch_caption_retire_no_augment"] | {"defense.iet_agc.agc_bank_share": 0.1,
                                                            "defense.iet_agc.bank_bins": 100}
+# The lean variant's rounds on its one shard, AGC reading the loss (no extra pass) and skipping nothing: what the
+# driver alone costs beside plain (wall pairs)
+VARIANTS["iet_one_shard"] = {"defense.name": "iet_agc", "defense.iet_agc.local_steps": IET["defense.iet_agc.local_steps"],
+                             "defense.iet_agc.shards": 1, "defense.iet_agc.agc": False, "defense.iet_agc.agc_signal": "loss",
+                             "defense.iet_agc.redistribute": False, "defense.iet_agc.augment": False}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",

@@ -76,7 +76,7 @@ def main() -> None:
     pairs = [p for p in entries.get(args.variant, {}).get("pairs", [])
              if (p["seed"], p["cores"], p["steps"]) != (found["seed"], found["cores"], found["steps"])]
     entries[args.variant] = {"pairs": sorted(pairs + [found], key=lambda p: (p["seed"], p["cores"]["variant"]))}
-    write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous})
+    write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous}, torch_threads=1)
     print(json.dumps(found))
 
 

@@ -124,9 +124,10 @@ def provenance_line() -> str:
     return f"_`{stamp['command']}` at commit {stamp['git_commit'][:7]}{dirty}, {stamp['date']}._"
 
 
-def write_json(out: Path, results: dict) -> None:
-    """`results` under this run's command line and commit, which come first (and replace any `results` carries)."""
-    stamp = provenance()
+def write_json(out: Path, results: dict, torch_threads: int | None = None) -> None:
+    """`results` under this run's command line and commit, which come first (and replace any `results` carries);
+    `torch_threads` where the runs used another thread count than this process (child processes)."""
+    stamp = provenance() | ({"torch_threads": torch_threads} if torch_threads else {})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(stamp | {k: v for k, v in results.items() if k not in stamp}, indent=2) + "\n")
 
