@@ -1,8 +1,10 @@
 """Training wall time of an emoji variant over plain's, side by side: both runs of one seed start together, one
 thread each, each pinned to its own core (`--cores VARIANT_CORE,PLAIN_CORE`), training only (no evaluation, so
 a pair takes half of `bench/emoji.py`'s time). Run a seed twice with the cores swapped to see how much of a ratio
-is the core; `plain` as the variant runs plain beside itself (the method's noise floor). Pairs are added to `--out`
-(one list per variant; a pair of the same seed and cores replaced).
+is the core; `plain` as the variant runs plain beside itself (the method's noise floor). `--flush-denormal` runs
+both with denormal floats flushed to zero (`torch.set_flush_denormal`): how fast a CPU step is depends on how many
+denormals its arithmetic meets, which differs between any two training trajectories (docs/research/iet-agc.md).
+Pairs are added to `--out` (one list per variant; a pair of the same seed, cores, steps and flushing replaced).
 
     python bench/emoji_wall.py data/emoji32 VARIANT --seed 0 --cores 0,1 --workdir /tmp/w_wall
 """
@@ -17,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
 from emoji import VARIANTS, base_config, split_emoji  # noqa: E402
 from results_io import CARRIED, METADATA, RESULTS, run_name, run_stamp, write_json  # noqa: E402
@@ -25,9 +29,10 @@ from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.runs import train_run  # noqa: E402
 
 
-def train_pinned(name: str, seed: int, steps: int, data: Path, runs: Path, core: int) -> dict:
+def train_pinned(name: str, seed: int, steps: int, data: Path, runs: Path, core: int, flush: bool) -> dict:
     """One run of `name` on core `core` alone (this process), timed from start to the saved model."""
     os.sched_setaffinity(0, {core})
+    torch.set_flush_denormal(flush)
     config = merge(config_from_dict(base_config(data / "train", data / "holdout", steps)),
                    VARIANTS[name] | {"train.seed": seed, "output_dir": str(runs / run_name(name, seed))})
     started = time.perf_counter()
@@ -35,24 +40,25 @@ def train_pinned(name: str, seed: int, steps: int, data: Path, runs: Path, core:
     return {"variant": name, "core": core, "wall_s": time.perf_counter() - started}
 
 
-def side_by_side(variant: str, seed: int, steps: int, data: Path, runs: Path, cores: tuple[int, int]) -> dict:
+def side_by_side(variant: str, seed: int, steps: int, data: Path, runs: Path, cores: tuple[int, int],
+                 flush: bool) -> dict:
     """Both runs as child processes started together, one thread each; their wall times and the ratio."""
     environment = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     children = [subprocess.Popen([sys.executable, __file__, "--worker", name, str(core), str(seed), str(steps),
-                                  str(data), str(runs / side)], stdout=subprocess.PIPE, text=True, env=environment)
+                                  str(data), str(runs / side), str(int(flush))], stdout=subprocess.PIPE, text=True, env=environment)
                 for name, core, side in ((variant, cores[0], "variant"), ("plain", cores[1], "plain"))]
     outputs = [child.communicate()[0] for child in children]
     if any(child.returncode for child in children):
         raise SystemExit(f"a run failed: exit codes {[child.returncode for child in children]}")
     defended, plain = (json.loads(output.strip().splitlines()[-1]) for output in outputs)
-    return {"seed": seed, "steps": steps, "cores": {"variant": cores[0], "plain": cores[1]},
+    return {"seed": seed, "steps": steps, "cores": {"variant": cores[0], "plain": cores[1]}, "flush_denormal": flush,
             "wall_s": defended["wall_s"], "plain_wall_s": plain["wall_s"], "ratio": defended["wall_s"] / plain["wall_s"]}
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        name, core, seed, steps, data, runs = sys.argv[2:8]
-        print(json.dumps(train_pinned(name, int(seed), int(steps), Path(data), Path(runs), int(core))))
+        name, core, seed, steps, data, runs, flush = sys.argv[2:9]
+        print(json.dumps(train_pinned(name, int(seed), int(steps), Path(data), Path(runs), int(core), flush == "1")))
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder", help="a folder written by `memsafe data emoji ... --size 32`")
@@ -60,6 +66,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--cores", default="0,1", help="the variant's core and plain's")
+    parser.add_argument("--flush-denormal", action="store_true", help="both runs flush denormal floats to zero")
     parser.add_argument("--workdir", type=Path, required=True, help="the split data and both runs go here")
     parser.add_argument("--out", type=Path, default=RESULTS / "emoji_wall.json")
     args = parser.parse_args()
@@ -69,12 +76,14 @@ def main() -> None:
     if args.workdir.exists():
         raise SystemExit(f"--workdir {args.workdir} exists: give a fresh folder (the split and both runs go there)")
     split_emoji(Path(args.folder), args.workdir / "data")  # bench/emoji.py's split
-    found = side_by_side(args.variant, args.seed, args.steps, args.workdir / "data", args.workdir / "runs", cores)
+    found = side_by_side(args.variant, args.seed, args.steps, args.workdir / "data", args.workdir / "runs", cores,
+                         args.flush_denormal)
     found |= run_stamp() | {"torch_threads": 1}  # the children's (OMP_NUM_THREADS=1), not this parent's
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries = {name: value for name, value in previous.items() if name not in METADATA}
+    key = ("seed", "cores", "steps", "flush_denormal")
     pairs = [p for p in entries.get(args.variant, {}).get("pairs", [])
-             if (p["seed"], p["cores"], p["steps"]) != (found["seed"], found["cores"], found["steps"])]
+             if tuple(p.get(k, False) for k in key) != tuple(found[k] for k in key)]
     entries[args.variant] = {"pairs": sorted(pairs + [found], key=lambda p: (p["seed"], p["cores"]["variant"]))}
     write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous}, torch_threads=1)
     print(json.dumps(found))
