@@ -74,9 +74,6 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     deterministic: bool = False  # deterministic GPU kernels: bit-exact resumes on CUDA too, somewhat slower
-    # CPU: glibc's malloc keeps the buffers a step frees instead of returning them to the kernel (train/allocator.py):
-    # the same numbers, faster steps, the process's memory stays at its peak
-    keep_freed_memory: bool = True
 
     @property
     def samples_per_step(self) -> int:

@@ -21,7 +21,6 @@ from memsafe.data.images import ImageSet
 from memsafe.errors import MemsafeError
 from memsafe.models.pipeline import is_latent_pipeline
 from memsafe.models.unet import build_noise_scheduler, build_unet
-from memsafe.train.allocator import keep_freed_memory
 from memsafe.train.hooks import HookList, TrainHook
 from memsafe.train.loss import draw_noise, per_sample_diffusion_loss, weighted_mean
 from memsafe.train.progress import run_display
@@ -83,8 +82,6 @@ class Trainer:
         self.config = config
         self.train_set = train_set
         self.accelerator = accelerator or make_accelerator(train.mixed_precision)
-        if train.keep_freed_memory and self.accelerator.device.type == "cpu":
-            keep_freed_memory()
         set_seed(train.seed)
         self.noise_scheduler = build_noise_scheduler(config.model)
         self.conditioner = conditioner
