@@ -135,9 +135,6 @@ VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment_lean"] = VARIANTS[
 VARIANTS["iet_one_shard"] = {"defense.name": "iet_agc", "defense.iet_agc.local_steps": IET["defense.iet_agc.local_steps"],
                              "defense.iet_agc.shards": 1, "defense.iet_agc.agc": False, "defense.iet_agc.agc_signal": "loss",
                              "defense.iet_agc.redistribute": False, "defense.iet_agc.augment": False}
-# Plain with glibc's own malloc thresholds (`train.keep_freed_memory: false`): beside plain, what keeping freed
-# buffers changes in a CPU step's pace (the numbers are the same)
-VARIANTS["plain_default_malloc"] = IET_VARIANTS["plain"] | {"train.keep_freed_memory": False}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
