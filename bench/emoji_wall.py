@@ -1,7 +1,8 @@
 """Training wall time of an emoji variant over plain's, side by side: both runs of one seed start together, one
 thread each, each pinned to its own core (`--cores VARIANT_CORE,PLAIN_CORE`), training only (no evaluation, so
 a pair takes half of `bench/emoji.py`'s time). Run a seed twice with the cores swapped to see how much of a ratio
-is the core; `plain` as the variant runs plain beside itself (the method's noise floor). `--flush-denormal` runs
+is the core; `plain` as the variant runs plain beside itself (the method's noise floor), and with `--plain-seed`
+beside plain of another seed (how far two trajectories' paces differ). `--flush-denormal` runs
 both with denormal floats flushed to zero (`torch.set_flush_denormal`): how fast a CPU step is depends on how many
 denormals its arithmetic meets, which differs between any two training trajectories (docs/research/iet-agc.md).
 Pairs are added to `--out` (one list per variant; a pair of the same seed, cores, steps and flushing replaced).
@@ -41,17 +42,20 @@ def train_pinned(name: str, seed: int, steps: int, data: Path, runs: Path, core:
 
 
 def side_by_side(variant: str, seed: int, steps: int, data: Path, runs: Path, cores: tuple[int, int],
-                 flush: bool) -> dict:
+                 flush: bool, plain_seed: int) -> dict:
     """Both runs as child processes started together, one thread each; their wall times and the ratio."""
     environment = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    children = [subprocess.Popen([sys.executable, __file__, "--worker", name, str(core), str(seed), str(steps),
-                                  str(data), str(runs / side), str(int(flush))], stdout=subprocess.PIPE, text=True, env=environment)
-                for name, core, side in ((variant, cores[0], "variant"), ("plain", cores[1], "plain"))]
+    sides = ((variant, cores[0], "variant", seed), ("plain", cores[1], "plain", plain_seed))
+    children = [subprocess.Popen([sys.executable, __file__, "--worker", name, str(core), str(run_seed), str(steps),
+                                  str(data), str(runs / side), str(int(flush))],
+                                 stdout=subprocess.PIPE, text=True, env=environment)
+                for name, core, side, run_seed in sides]
     outputs = [child.communicate()[0] for child in children]
     if any(child.returncode for child in children):
         raise SystemExit(f"a run failed: exit codes {[child.returncode for child in children]}")
     defended, plain = (json.loads(output.strip().splitlines()[-1]) for output in outputs)
-    return {"seed": seed, "steps": steps, "cores": {"variant": cores[0], "plain": cores[1]}, "flush_denormal": flush,
+    return {"seed": seed, "plain_seed": plain_seed, "steps": steps, "cores": {"variant": cores[0], "plain": cores[1]},
+            "flush_denormal": flush,
             "wall_s": defended["wall_s"], "plain_wall_s": plain["wall_s"], "ratio": defended["wall_s"] / plain["wall_s"]}
 
 
@@ -64,6 +68,7 @@ def main() -> None:
     parser.add_argument("folder", help="a folder written by `memsafe data emoji ... --size 32`")
     parser.add_argument("variant", choices=[name for name in VARIANTS if name != "plain_dedup"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain-seed", type=int, help="plain's seed, if not --seed (two trajectories' paces)")
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--cores", default="0,1", help="the variant's core and plain's")
     parser.add_argument("--flush-denormal", action="store_true", help="both runs flush denormal floats to zero")
@@ -77,13 +82,13 @@ def main() -> None:
         raise SystemExit(f"--workdir {args.workdir} exists: give a fresh folder (the split and both runs go there)")
     split_emoji(Path(args.folder), args.workdir / "data")  # bench/emoji.py's split
     found = side_by_side(args.variant, args.seed, args.steps, args.workdir / "data", args.workdir / "runs", cores,
-                         args.flush_denormal)
+                         args.flush_denormal, args.seed if args.plain_seed is None else args.plain_seed)
     found |= run_stamp() | {"torch_threads": 1}  # the children's (OMP_NUM_THREADS=1), not this parent's
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries = {name: value for name, value in previous.items() if name not in METADATA}
-    key = ("seed", "cores", "steps", "flush_denormal")
+    key = ("seed", "plain_seed", "cores", "steps", "flush_denormal")
     pairs = [p for p in entries.get(args.variant, {}).get("pairs", [])
-             if tuple(p.get(k, False) for k in key) != tuple(found[k] for k in key)]
+             if tuple(p.get(k, p["seed"] if k == "plain_seed" else False) for k in key) != tuple(found[k] for k in key)]
     entries[args.variant] = {"pairs": sorted(pairs + [found], key=lambda p: (p["seed"], p["cores"]["variant"]))}
     write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous}, torch_threads=1)
     print(json.dumps(found))
