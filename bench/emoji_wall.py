@@ -3,8 +3,8 @@ thread each, each pinned to its own core (`--cores VARIANT_CORE,PLAIN_CORE`), tr
 a pair takes half of `bench/emoji.py`'s time). Run a seed twice with the cores swapped to see how much of a ratio
 is the core; `plain` as the variant runs plain beside itself (the method's noise floor), and with `--plain-seed`
 beside plain of another seed (how far two trajectories' paces differ). `--flush-denormal` runs
-both with denormal floats flushed to zero (`torch.set_flush_denormal`): how fast a CPU step is depends on how many
-denormals its arithmetic meets, which differs between any two training trajectories (docs/research/iet-agc.md).
+both with denormal floats flushed to zero (`torch.set_flush_denormal`), where denormals are suspected of slowing
+one side (on the emoji model they were not: docs/research/iet-agc.md, 2026-12-07 thirteenth).
 Pairs are added to `--out` (one list per variant; a pair of the same seed, cores, steps and flushing replaced).
 
     python bench/emoji_wall.py data/emoji32 VARIANT --seed 0 --cores 0,1 --workdir /tmp/w_wall
@@ -59,6 +59,12 @@ def side_by_side(variant: str, seed: int, steps: int, data: Path, runs: Path, co
             "wall_s": defended["wall_s"], "plain_wall_s": plain["wall_s"], "ratio": defended["wall_s"] / plain["wall_s"]}
 
 
+def pair_identity(pair: dict) -> tuple:
+    """What a new pair replaces an old one by (pairs written before a key existed read its default)."""
+    return (pair["seed"], pair.get("plain_seed", pair["seed"]), pair["cores"], pair["steps"],
+            pair.get("flush_denormal", False))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         name, core, seed, steps, data, runs, flush = sys.argv[2:9]
@@ -86,9 +92,7 @@ def main() -> None:
     found |= run_stamp() | {"torch_threads": 1}  # the children's (OMP_NUM_THREADS=1), not this parent's
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries = {name: value for name, value in previous.items() if name not in METADATA}
-    key = ("seed", "plain_seed", "cores", "steps", "flush_denormal")
-    pairs = [p for p in entries.get(args.variant, {}).get("pairs", [])
-             if tuple(p.get(k, p["seed"] if k == "plain_seed" else False) for k in key) != tuple(found[k] for k in key)]
+    pairs = [p for p in entries.get(args.variant, {}).get("pairs", []) if pair_identity(p) != pair_identity(found)]
     entries[args.variant] = {"pairs": sorted(pairs + [found], key=lambda p: (p["seed"], p["cores"]["variant"]))}
     write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous}, torch_threads=1)
     print(json.dumps(found))
