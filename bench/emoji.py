@@ -135,6 +135,9 @@ VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment_lean"] = VARIANTS[
 VARIANTS["iet_one_shard"] = {"defense.name": "iet_agc", "defense.iet_agc.local_steps": IET["defense.iet_agc.local_steps"],
                              "defense.iet_agc.shards": 1, "defense.iet_agc.agc": False, "defense.iet_agc.agc_signal": "loss",
                              "defense.iet_agc.redistribute": False, "defense.iet_agc.augment": False}
+# ... in the fewest rounds the driver allows (5): whether its cost is per round
+VARIANTS["iet_one_shard_5_rounds"] = VARIANTS["iet_one_shard"] | {"defense.iet_agc.local_steps": None,
+                                                                   "defense.iet_agc.rounds": 5}
 UNDEFENDED = ("plain", "plain_early_stop", "plain_dedup")
 
 READINGS = ("dup_extracted_sscd", "unique_extracted_sscd", "holdout_extracted_sscd",
