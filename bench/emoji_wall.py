@@ -30,6 +30,9 @@ from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.runs import train_run  # noqa: E402
 
 
+CHILD_THREADS = 1  # each run of a pair: one thread on its own core
+
+
 def train_pinned(name: str, seed: int, steps: int, data: Path, runs: Path, core: int, flush: bool) -> dict:
     """One run of `name` on core `core` alone (this process), timed from start to the saved model."""
     os.sched_setaffinity(0, {core})
@@ -44,7 +47,7 @@ def train_pinned(name: str, seed: int, steps: int, data: Path, runs: Path, core:
 def side_by_side(variant: str, seed: int, steps: int, data: Path, runs: Path, cores: tuple[int, int],
                  flush: bool, plain_seed: int) -> dict:
     """Both runs as child processes started together, one thread each; their wall times and the ratio."""
-    environment = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    environment = os.environ | {"OMP_NUM_THREADS": str(CHILD_THREADS), "MKL_NUM_THREADS": str(CHILD_THREADS)}
     sides = ((variant, cores[0], "variant", seed), ("plain", cores[1], "plain", plain_seed))
     children = [subprocess.Popen([sys.executable, __file__, "--worker", name, str(core), str(run_seed), str(steps),
                                   str(data), str(runs / side), str(int(flush))],
@@ -89,12 +92,13 @@ def main() -> None:
     split_emoji(Path(args.folder), args.workdir / "data")  # bench/emoji.py's split
     found = side_by_side(args.variant, args.seed, args.steps, args.workdir / "data", args.workdir / "runs", cores,
                          args.flush_denormal, args.seed if args.plain_seed is None else args.plain_seed)
-    found |= run_stamp() | {"torch_threads": 1}  # the children's (OMP_NUM_THREADS=1), not this parent's
+    found |= run_stamp() | {"torch_threads": CHILD_THREADS}  # the children's, not this parent's
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries = {name: value for name, value in previous.items() if name not in METADATA}
     pairs = [p for p in entries.get(args.variant, {}).get("pairs", []) if pair_identity(p) != pair_identity(found)]
     entries[args.variant] = {"pairs": sorted(pairs + [found], key=lambda p: (p["seed"], p["cores"]["variant"]))}
-    write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous}, torch_threads=1)
+    write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous},
+               torch_threads=CHILD_THREADS)
     print(json.dumps(found))
 
 

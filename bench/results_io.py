@@ -127,7 +127,7 @@ def provenance_line() -> str:
 def write_json(out: Path, results: dict, torch_threads: int | None = None) -> None:
     """`results` under this run's command line and commit, which come first (and replace any `results` carries);
     `torch_threads` where the runs used another thread count than this process (child processes)."""
-    stamp = provenance() | ({"torch_threads": torch_threads} if torch_threads else {})
+    stamp = provenance() | ({} if torch_threads is None else {"torch_threads": torch_threads})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(stamp | {k: v for k, v in results.items() if k not in stamp}, indent=2) + "\n")
 
