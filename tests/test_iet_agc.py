@@ -48,6 +48,18 @@ def test_aggregating_identical_proxies_returns_them_and_leaves_integer_buffers(t
         assert state["count"].item() == 3 + 4 * k  # integer buffers are not averaged
 
 
+def test_a_sole_proxy_skips_aggregation_because_its_mean_is_itself_bit_for_bit(tiny_config):
+    config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 1, "train.max_steps": 30})
+    train_set, _ = load_dataset(config.data)
+    trainer = IETTrainer(config, train_set)
+    assert trainer.sole_proxy
+    trainer.proxies[0].train_step()  # weights no longer round numbers
+    mean = trainer._weighted_sum(trainer.weights)  # what aggregation would load
+    assert all(torch.equal(m.to(w.dtype), w) for m, w in zip(mean, trainer.weights(0)))
+    assert not IETTrainer(merge(config, {"defense.iet_agc.shards": 3}), train_set).sole_proxy
+    assert not IETTrainer(merge(config, {"defense.iet_agc.outer_momentum": 0.9}), train_set).sole_proxy
+
+
 def test_real_proxies_aggregate_to_their_weighted_mean(tiny_config):
     config = merge(tiny_config, {"defense.name": "iet_agc", "defense.iet_agc.shards": 3, "defense.iet_agc.local_steps": 3,
                                  "train.max_steps": 45})

@@ -254,9 +254,16 @@ class IETTrainer:
         shapes = [t.shape for t in tensors_of(0)]
         return [part.view(shape) for part, shape in zip(total.split([math.prod(s) for s in shapes]), shapes)]
 
+    @property
+    def sole_proxy(self) -> bool:
+        """One proxy in one process, stepped by plain averaging: its weights are already the mean."""
+        return self.iet.shards == 1 and self.accelerator.num_processes == 1 and self.outer is None
+
     @torch.no_grad()
     def aggregate(self) -> None:
         """Global weights (and EMA weights) = shard-size-weighted mean of the proxies', loaded into all."""
+        if self.sole_proxy:  # the mean of one proxy (weight 1.0, through float64) is its own weights, bit for bit
+            return
         mean = self._weighted_sum(self.weights)
         if self.outer is not None:
             mean = self.outer.step(mean)
