@@ -411,7 +411,15 @@ def test_a_bank_share_reads_the_draws_that_cannot_latch_at_that_rate_and_feeds_t
     assert bank.values[3].item() == last_banked
     assert agc.ledger.streak[0].item() == int(read["agc_read"][copies].sum())  # every copy's reading counted
     agc.latch = 3
-    assert agc.on_batch_start(dict(batch), None)["index"].unique().tolist() == [4, 5, 6, 7]
+    left = agc.on_batch_start(dict(batch), None)
+    assert left["index"].unique().tolist() == [4, 5, 6, 7]
+    # the one caption that could latch has: a reading could change nothing but the bank, so none is taken
+    assert not left["agc_read"].any() and not left["agc_bank"].any()
+    banked = bank.values.clone()
+    agc.on_losses(torch.full((len(left["index"]),), 0.5), left, None)
+    assert torch.equal(bank.values, banked)
+    agc.ledger_read = True  # something else (the loss-driven augmentation) reads the ledger: reading goes on
+    assert agc.on_batch_start(dict(batch), None)["agc_read"].any()
 
 
 def test_outer_step_is_nesterov_sgd_on_the_rounds_pseudo_gradient():

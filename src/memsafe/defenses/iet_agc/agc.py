@@ -194,16 +194,18 @@ class AntiGradientControl(TrainHook):
 
     With `bank_share` < 1 (latch groups, per_draw=False) a draw whose caption can no longer latch is read only
     with that probability, for the bank: its reading could change nothing else. A draw that can latch is always
-    read for its streak, but enters the bank with the same probability, so the bank stays a fair sample."""
+    read for its streak, but enters the bank with the same probability, so the bank stays a fair sample. Once every
+    caption that can latch has latched, no draw is read at all: the bank has no reader left (unless `ledger_read`,
+    where something else, e.g. the loss-driven augmentation, reads the ledger's readings)."""
 
     name = "agc"
 
     def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss",
                  timesteps: tuple[int, int] | None = None, read_share: float = 1.0, seed: int = 0,
                  release: float | None = None, latch: int | None = None, latch_groups: torch.Tensor | None = None,
-                 per_draw: bool = True, bank_share: float = 1.0):
+                 per_draw: bool = True, bank_share: float = 1.0, ledger_read: bool = False):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
-        self.bank_share = bank_share
+        self.bank_share, self.ledger_read = bank_share, ledger_read
         self.release, self.latch, self.latch_groups, self.per_draw = release, latch, latch_groups, per_draw
         # caption_gain_loss: the loss's own bank (geometric, binned), beside the gain's
         self.loss_bank = None
@@ -237,7 +239,10 @@ class AntiGradientControl(TrainHook):
         if self.read_share < 1.0:  # a share of the readable draws, at random
             read &= torch.rand(len(read), generator=self.generator) < self.read_share
         batch = batch | {"agc_read": read}
-        if self.bank_share < 1.0:
+        if self.bank_share < 1.0 and self.nothing_left_to_latch():
+            read = torch.zeros_like(read)
+            batch |= {"agc_read": read, "agc_bank": read}
+        elif self.bank_share < 1.0:
             banked = read & (torch.rand(len(read), generator=self.generator) < self.bank_share)
             batch |= {"agc_read": banked | (read & self.can_latch(batch["index"].cpu())), "agc_bank": banked}
         if not self.skip:
@@ -292,6 +297,13 @@ class AntiGradientControl(TrainHook):
     def can_latch(self, index: torch.Tensor) -> torch.Tensor:
         """Which of the samples `index` a reading could still latch: a shared caption, not latched yet."""
         return (self.latch_groups[index] >= 0) & ~self.latched(index)
+
+    def nothing_left_to_latch(self) -> bool:
+        """Every caption group has latched, and nothing but the bank would use a reading (see the class)."""
+        if self.latch is None or self.latch_groups is None or self.per_draw or self.ledger_read:
+            return False
+        keys = self.latch_groups[self.latch_groups >= 0]  # each group's streak sits at its key
+        return bool((self.ledger.streak[keys] >= self.latch).all())
 
     def latched(self, index: torch.Tensor) -> torch.Tensor:
         if self.latch is None:
