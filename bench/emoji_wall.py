@@ -5,7 +5,8 @@ is the core; `plain` as the variant runs plain beside itself (the method's noise
 beside plain of another seed (how far two trajectories' paces differ). `--flush-denormal` runs
 both with denormal floats flushed to zero (`torch.set_flush_denormal`), where denormals are suspected of slowing
 one side (on the emoji model they were not: docs/research/iet-agc.md, 2026-12-07 thirteenth).
-Pairs are added to `--out` (one list per variant; a pair of the same seed, cores, steps and flushing replaced).
+Every pair is added to `--out` (one list per variant), with the machine it ran on: a timing is a sample of that
+machine's noise, and only the two runs of one pair are compared with each other.
 
     python bench/emoji_wall.py data/emoji32 VARIANT --seed 0 --cores 0,1 --workdir /tmp/w_wall
 """
@@ -24,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from emoji import VARIANTS, base_config, split_emoji  # noqa: E402
-from results_io import CARRIED, METADATA, RESULTS, run_name, run_stamp, write_json  # noqa: E402
+from results_io import CARRIED, METADATA, RESULTS, machine, run_name, run_stamp, write_json  # noqa: E402
 
 from memsafe.config import config_from_dict, merge  # noqa: E402
 from memsafe.runs import train_run  # noqa: E402
@@ -62,12 +63,6 @@ def side_by_side(variant: str, seed: int, steps: int, data: Path, runs: Path, co
             "wall_s": defended["wall_s"], "plain_wall_s": plain["wall_s"], "ratio": defended["wall_s"] / plain["wall_s"]}
 
 
-def pair_identity(pair: dict) -> tuple:
-    """What a new pair replaces an old one by (pairs written before a key existed read its default)."""
-    return (pair["seed"], pair.get("plain_seed", pair["seed"]), pair["cores"], pair["steps"],
-            pair.get("flush_denormal", False))
-
-
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         name, core, seed, steps, data, runs, flush = sys.argv[2:9]
@@ -92,11 +87,10 @@ def main() -> None:
     split_emoji(Path(args.folder), args.workdir / "data")  # bench/emoji.py's split
     found = side_by_side(args.variant, args.seed, args.steps, args.workdir / "data", args.workdir / "runs", cores,
                          args.flush_denormal, args.seed if args.plain_seed is None else args.plain_seed)
-    found |= run_stamp() | {"torch_threads": CHILD_THREADS}  # the children's, not this parent's
+    found |= run_stamp() | {"torch_threads": CHILD_THREADS, "machine": machine()}  # the children's threads
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries = {name: value for name, value in previous.items() if name not in METADATA}
-    pairs = [p for p in entries.get(args.variant, {}).get("pairs", []) if pair_identity(p) != pair_identity(found)]
-    entries[args.variant] = {"pairs": sorted(pairs + [found], key=lambda p: (p["seed"], p["cores"]["variant"]))}
+    entries[args.variant] = {"pairs": entries.get(args.variant, {}).get("pairs", []) + [found]}
     write_json(args.out, entries | {key: previous[key] for key in CARRIED if key in previous},
                torch_threads=CHILD_THREADS)
     print(json.dumps(found))

@@ -51,6 +51,16 @@ def previous_runs(out: Path, merge: bool) -> tuple[dict[str, list[dict]], dict]:
     return runs, {key: previous[key] for key in CARRIED if key in previous}
 
 
+def machine() -> dict:
+    """What a timing ran on: the CPU's name, its cores and last-level cache. Sessions' machines have differed by
+    1.8x in plain's step time on the emoji model, so a timing is compared only within its own pair or run."""
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
+    cache = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    return {"cpu": names[0] if names else "unknown", "cores": len(names) or None,
+            "l3_cache": cache.read_text().strip() if cache.is_file() else None}
+
+
 def run_stamp() -> dict:
     """The part of `provenance` each run or pair is stamped with: files merged from several invocations keep it."""
     stamp = provenance()
