@@ -10,8 +10,7 @@ from memsafe.config import merge
 from memsafe.data import load_dataset
 from memsafe.defenses import build_trainer
 from memsafe.defenses.iet_agc.agc import (
-    LOSS_WEIGHT, AntiGradientControl, CaptionGainPass, LossBank, SampleLedger, caption_gain,
-    duplicated_caption_groups,
+    LOSS_WEIGHT, AntiGradientControl, LossBank, SampleLedger, caption_gain, duplicated_caption_groups,
 )
 from memsafe.defenses.iet_agc.augment import augment_batch, augmentation_strength
 from memsafe.defenses.iet_agc.config import IETConfig, agc_ratio
@@ -482,29 +481,6 @@ def test_caption_gain_is_the_loss_over_the_empty_caption_loss_and_skips_on_it(ti
     agc = AntiGradientControl(bank, SampleLedger(len(train_set)), ratio=1.05, signal="caption_gain")
     kept = agc.on_losses(losses, batch, trainer)
     assert kept.cpu().bool().tolist() == dropped.cpu().tolist()
-
-
-def test_the_gain_pass_runs_last_before_the_training_forward_with_the_same_numbers(tiny_config):
-    """CaptionGainPass, the last hook, takes the empty-caption losses before the training forward: the gain from
-    them is bit for bit the gain taken beside the training forward's losses."""
-    config = merge(tiny_config, {"model.conditioning": "text", "train.caption_dropout": 0.5, "train.max_steps": 10,
-                                 "defense.name": "iet_agc", "defense.iet_agc.profile": "caption"})
-    train_set, _ = load_dataset(config.data)
-    trainer = IETTrainer(config, train_set)
-    proxy = trainer.proxies[0]
-    assert isinstance(proxy.hooks.hooks[-1], CaptionGainPass)
-    proxy.train_step()
-    batch = proxy.next_batch()
-    read = ~batch["caption_dropped"].cpu()
-    early = CaptionGainPass().on_batch_start(batch | {"agc_read": read}, proxy)
-    with torch.no_grad():
-        losses, _ = per_sample_diffusion_loss(proxy.unet, proxy.noise_scheduler, batch["pixels"], batch["noise"],
-                                              batch["timesteps"], snr_gamma=config.train.snr_gamma, **batch["model_kwargs"])
-    assert early["agc_unconditional"][~read].isnan().all()
-    gain = caption_gain(losses, early, proxy, read)
-    assert torch.equal(gain.isnan(), ~read) and torch.equal(gain[read], caption_gain(losses, batch, proxy, read)[read])
-    loss_rule = IETTrainer(merge(config, {"defense.iet_agc.agc_signal": "loss"}), train_set)
-    assert not any(isinstance(h, CaptionGainPass) for h in loss_rule.proxies[0].hooks.hooks)
 
 
 def test_caption_gain_loss_scores_the_gain_times_the_loss_to_its_weight_each_over_its_own_bank(tiny_config):

@@ -328,47 +328,22 @@ class AntiGradientControl(TrainHook):
             self.generator.set_state(state["read_generator"])
 
 
-class CaptionGainPass(TrainHook):
-    """The caption gain's extra forward pass over the draws AGC reads, taken once the batch is final (the last hook:
-    after every hook that changes or drops draws) and before the training forward, with the same weights and inputs.
-    Beside the training forward's live activations its buffers, of a size that changes every step, fragmented the C
-    heap (4x its free chunks, 7x the page faults, steps 4-6 % slower than plain's; docs/research/iet-agc.md,
-    2026-12-07 fourteenth)."""
-
-    name = "agc_gain_pass"
-
-    def on_batch_start(self, batch, trainer):
-        return batch | {"agc_unconditional": unconditional_losses(batch, trainer, batch["agc_read"])}
-
-
 @torch.no_grad()
-def unconditional_losses(batch: dict, trainer, read: torch.Tensor) -> torch.Tensor:
-    """Each read draw's loss at its noisy input with the empty caption (one more forward pass, no gradient, over
-    the read draws only); NaN for the draws not read."""
-    pixels = batch["pixels"]
-    rows = read.to(pixels.device)
-    unconditional = torch.full((len(rows),), math.nan, device=pixels.device)
+def caption_gain(losses: torch.Tensor, batch: dict, trainer, read: torch.Tensor) -> torch.Tensor:
+    """Each read draw's loss over its loss at the same noisy input with the empty caption (one more forward
+    pass, no gradient, over the read draws only): how much the caption helps. A duplicated image's caption
+    comes to pin the image down, so its gain falls well below an ordinary image's long before its loss does
+    (bench/emoji_signals.py). NaN for the draws not read."""
+    gain = torch.full_like(losses, math.nan)
+    rows = read.to(losses.device)
     if not rows.any():
-        return unconditional
+        return gain
     states = batch["model_kwargs"]["encoder_hidden_states"][rows]
     empty = trainer.conditioner.empty.to(states).expand_as(states)
     with trainer.accelerator.autocast():
-        losses, _ = per_sample_diffusion_loss(
-            trainer.unet, trainer.noise_scheduler, pixels[rows], batch["noise"][rows],
+        unconditional, _ = per_sample_diffusion_loss(
+            trainer.unet, trainer.noise_scheduler, batch["pixels"][rows], batch["noise"][rows],
             batch["timesteps"][rows], snr_gamma=trainer.config.train.snr_gamma, encoder_hidden_states=empty,
         )
-    unconditional[rows] = losses.float()
-    return unconditional
-
-
-def caption_gain(losses: torch.Tensor, batch: dict, trainer, read: torch.Tensor) -> torch.Tensor:
-    """Each read draw's loss over its loss at the same noisy input with the empty caption (`on_batch_start` took
-    those before the training forward, with the same weights; else they are taken here): how much the caption
-    helps. A duplicated image's caption comes to pin the image down, so its gain falls well below an ordinary
-    image's long before its loss does (bench/emoji_signals.py). NaN for the draws not read."""
-    unconditional = batch.get("agc_unconditional")
-    if unconditional is None:
-        unconditional = unconditional_losses(batch, trainer, read)
-    rows = read.to(losses.device)
-    gain = losses / unconditional.to(losses).clamp_min(1e-12)
-    return torch.where(rows, gain, math.nan)
+    gain[rows] = losses[rows] / unconditional.clamp_min(1e-12)
+    return gain

@@ -14,9 +14,7 @@ from accelerate.utils import gather_object
 from memsafe.config import RunConfig
 from memsafe.data.images import ImageSet
 from memsafe.defenses.contract import HookMaker
-from memsafe.defenses.iet_agc.agc import (
-    CAPTION_SIGNALS, AntiGradientControl, CaptionGainPass, LossBank, SampleLedger, latch_groups,
-)
+from memsafe.defenses.iet_agc.agc import AntiGradientControl, LossBank, SampleLedger, latch_groups
 from memsafe.defenses.iet_agc.augment import LossDrivenAugmentation
 from memsafe.defenses.iet_agc.config import agc_ratio, schedule, small_shard_warning
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
@@ -128,13 +126,12 @@ class IETTrainer:
                                       latch=iet.agc_latch, latch_groups=groups, per_draw=iet.agc_per_draw,
                                       bank_share=iet.agc_bank_share, ledger_read=iet.augment)
             hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
-            gain_pass = [CaptionGainPass()] if iet.agc_signal in CAPTION_SIGNALS else []
             self.agc.append(agc)
             self.proxies.append(
                 Trainer(
                     config,
                     train_set,
-                    hooks=hooks + list(extra_hooks()) + gain_pass,
+                    hooks=hooks + list(extra_hooks()),
                     accelerator=self.accelerator,
                     unet=unet,
                     conditioner=None if first is None else first.conditioner,
