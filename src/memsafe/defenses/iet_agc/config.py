@@ -95,7 +95,8 @@ class IETConfig:
     # Under agc_latch_by: caption with agc_per_draw: false a draw whose caption can no longer latch (one of its own,
     # or latched already) only feeds the bank: below 1, such draws are read with this probability, and the draws
     # that can latch enter the bank with it too (so the bank stays a fair sample of the draws it reads), but are
-    # always read for their streak. The caption gain's extra pass then runs mostly on the draws that can latch.
+    # always read for their streak. The caption gain's extra pass then runs mostly on the draws that can latch,
+    # and not at all once every caption that can latch has (with augment off: nothing else reads the readings).
     agc_bank_share: float = 1.0
     # The outer step (DiLoCo's outer Nesterov optimizer): the round's averaged change is a pseudo-gradient
     # stepped with this learning rate and momentum. 1.0 and 0.0: the global model is the proxies' plain mean.
