@@ -207,6 +207,8 @@ class AntiGradientControl(TrainHook):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
         self.bank_share, self.ledger_read = bank_share, ledger_read
         self.release, self.latch, self.latch_groups, self.per_draw = release, latch, latch_groups, per_draw
+        # each caption group's key (its first sample, where the group's streak is kept)
+        self.group_keys = None if latch_groups is None else latch_groups[latch_groups >= 0].unique()
         # caption_gain_loss: the loss's own bank (geometric, binned), beside the gain's
         self.loss_bank = None
         if signal == "caption_gain_loss":
@@ -300,10 +302,9 @@ class AntiGradientControl(TrainHook):
 
     def nothing_left_to_latch(self) -> bool:
         """Every caption group has latched, and nothing but the bank would use a reading (see the class)."""
-        if self.latch is None or self.latch_groups is None or self.per_draw or self.ledger_read:
+        if self.latch is None or self.group_keys is None or self.per_draw or self.ledger_read:
             return False
-        keys = self.latch_groups[self.latch_groups >= 0]  # each group's streak sits at its key
-        return bool((self.ledger.streak[keys] >= self.latch).all())
+        return not self.can_latch(self.group_keys).any()
 
     def latched(self, index: torch.Tensor) -> torch.Tensor:
         if self.latch is None:
