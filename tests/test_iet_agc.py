@@ -18,7 +18,6 @@ from memsafe.defenses.iet_agc.driver import IETTrainer, OuterStep
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
 from memsafe.train import Trainer
-from memsafe.train.hooks import TrainHook
 from memsafe.train.loss import per_sample_diffusion_loss
 from tests.conftest import tiny_config_dict
 
@@ -610,43 +609,26 @@ def test_a_run_that_reads_agc_at_some_timesteps_trains_and_counts_every_draw(tmp
     assert all(abs(rate * 160 - round(rate * 160)) < 1e-9 for rate in skip_rates)  # of all 10 x 16 draws a round
 
 
-class ForwardedDraws(TrainHook):
-    """Records, for each step's forward pass, its draws and whether every sample was latched before it."""
-
-    def __init__(self):
-        self.driver, self.steps = None, []
-
-    def on_batch_start(self, batch, trainer):
-        everything = torch.arange(len(self.driver.assignment))
-        self.all_latched = bool(self.driver.agc[0].latched(everything).all())
-        return batch
-
-    def on_losses(self, losses, batch, trainer):
-        self.steps.append((len(losses), self.all_latched))
-
-
-def test_latched_samples_leave_their_shard_at_once_when_told_and_the_batches_stay_full(tiny_config):
-    """agc_latch_leaves shard: a latched sample's draws leave the proxy's order from the next step on, so until
-    every sample has latched each forward pass holds a full batch of 16 (the logged shard size falls); by batch
-    its draws leave each batch, which shrinks, and the shard stays whole."""
-    sizes, forwarded = {}, {}
+def test_latched_samples_leave_their_shard_at_the_next_round_when_told(tmp_path):
+    """agc_latch_leaves shard: each round's proxy draws from its shard less the samples latched so far, so the
+    logged shard size falls while the draws a round stay 10 batches of 16; by batch it stays the whole shard."""
+    sizes = {}
     for leaves in ("batch", "shard"):
-        config = merge(tiny_config, {
-            "model.conditioning": "text", "train.max_steps": 60, "output_dir": f"{tiny_config.output_dir}-{leaves}",
-            "defense.name": "iet_agc", "defense.iet_agc.shards": 1, "defense.iet_agc.local_steps": 10,
-            "defense.iet_agc.agc_ratio": 1.0, "defense.iet_agc.agc_smoothing": 0.0, "defense.iet_agc.augment": False,
-            "defense.iet_agc.agc_signal": "caption_gain", "defense.iet_agc.agc_timesteps": [0, 1000],
-            "defense.iet_agc.agc_latch": 2, "defense.iet_agc.agc_per_draw": False,
-            "defense.iet_agc.agc_latch_leaves": leaves})
-        recorder = ForwardedDraws()
-        trainer = IETTrainer(config, load_dataset(config.data)[0], extra_hooks=lambda: [recorder])
-        recorder.driver = trainer
-        trainer.fit(progress=False)
-        sizes[leaves] = len(trainer.training_members(0))
-        forwarded[leaves] = [size for size, all_latched in recorder.steps if not all_latched]
-        assert len(recorder.steps) == 60 and len(forwarded[leaves]) > 1
-    assert min(forwarded["batch"]) < 16 and sizes["batch"] == 48
-    assert forwarded["shard"] == [16] * len(forwarded["shard"]) and sizes["shard"] < 48
+        values = tiny_config_dict(tmp_path / leaves, model={"conditioning": "text"},
+                                  train={"max_steps": 60, "log_every": 10})
+        values["defense"] = {"name": "iet_agc", "iet_agc": {
+            "shards": 1, "local_steps": 10, "agc_ratio": 1.0, "agc_smoothing": 0.0, "augment": False,
+            "agc_signal": "caption_gain", "agc_timesteps": [0, 1000], "agc_latch": 1, "agc_per_draw": False,
+            "agc_latch_leaves": leaves}}
+        config_path = tmp_path / f"{leaves}.yaml"
+        config_path.write_text(yaml.safe_dump(values))
+        assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
+        logged = [json.loads(line) for line in (tmp_path / leaves / "log.jsonl").read_text().splitlines()]
+        sizes[leaves] = [entry["shard_size"] for entry in logged if "shard_size" in entry]
+        assert len(sizes[leaves]) == 6
+    assert sizes["batch"] == [48] * 6
+    assert sizes["shard"][0] == 48 and 1 <= sizes["shard"][-1] < 48
+    assert sizes["shard"] == sorted(sizes["shard"], reverse=True)  # a latch is for good
 
 
 def test_the_loops_kept_fraction_counts_the_draws_a_hook_dropped_before_the_forward_pass(tiny_config):

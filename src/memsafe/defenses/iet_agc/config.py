@@ -89,9 +89,8 @@ class IETConfig:
     # sample leaves only once latched. The per-draw rule also skips the low tail of every unique image's draws.
     agc_per_draw: bool = True
     # Where a latched sample goes: "batch" (its draws leave each batch before the forward pass: smaller batches, less
-    # compute) or "shard" (it also leaves its shard's draw order from the next step on, so the batches fill with the
-    # other samples, as on deduplicated data: full compute, the unique samples drawn as often as deduplication would
-    # draw them).
+    # compute) or "shard" (it also leaves its shard at the next round, so the batches fill with the other samples,
+    # as on deduplicated data: full compute, the unique samples drawn as often as deduplication would draw them).
     agc_latch_leaves: str = "batch"
     # Under agc_latch_by: caption with agc_per_draw: false a draw whose caption can no longer latch (one of its own,
     # or latched already) only feeds the bank: below 1, such draws are read with this probability, and the draws

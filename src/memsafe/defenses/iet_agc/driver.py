@@ -178,26 +178,13 @@ class IETTrainer:
         return torch.nonzero(self.assignment == k).squeeze(1)
 
     def training_members(self, index: int) -> torch.Tensor:
-        """The samples proxy `index` draws from now: its shard, less the latched samples where they leave it
+        """The samples proxy `index` draws from this round: its shard, less the latched samples where they leave it
         (`agc_latch_leaves: shard`; one sample stays, so the proxy still has batches)."""
         members = self.shard_members(self.owned[index])
         if self.iet.agc_latch_leaves != "shard" or not self.iet.agc:  # agc: false keeps statistics, skips nothing
             return members
         held = self.agc[index].latched(members)
         return members[~held] if not held.all() else members[:1]
-
-    def subset_seed(self, k: int, step: int) -> int:
-        """The seed of shard k's draw order from its `step`-th local step of this round on."""
-        return ((self.config.train.seed * 7919 + self.round) * 101 + k) * (step + 1)
-
-    def leave_latched(self, index: int, members: torch.Tensor, step: int) -> torch.Tensor:
-        """The samples latched since the proxy's order was drawn leave it now, not at the next round: its batches
-        stay full (a batch that shrinks by the latched draws until the round ends fragments the C heap and slowed
-        every later step on CPU, docs/research/iet-agc.md)."""
-        now = self.training_members(index)
-        if len(now) != len(members):
-            self.proxies[index].use_subset(now, seed=self.subset_seed(self.owned[index], step))
-        return now
 
     def round_steps(self, max_steps: int) -> list[int]:
         """Local steps of each proxy this round; the last round shares out the remaining steps by shard size."""
@@ -211,11 +198,9 @@ class IETTrainer:
         k, proxy = self.owned[index], self.proxies[index]
         self.activate(index)
         members = self.training_members(index)
-        proxy.use_subset(members, seed=self.subset_seed(k, 0))
+        proxy.use_subset(members, seed=(self.config.train.seed * 7919 + self.round) * 101 + k)
         losses = []
-        for step in range(steps):
-            if step and self.iet.agc_latch_leaves == "shard":
-                members = self.leave_latched(index, members, step)
+        for _ in range(steps):
             losses.append(proxy.train_step()["loss"])
             bar.update(self.accelerator.num_processes)  # the others train theirs meanwhile
         proxy.hooks.on_sync(proxy)  # before the proxies are averaged
