@@ -127,15 +127,14 @@ VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment"] = VARIANTS["iet_agc
 # ... reading a caption of its own (which can latch nothing) on a tenth of its draws, for the bank, in bins of ten
 # timesteps (each bin then updated about as often as one timestep was): the gain's extra pass was the whole of the
 # variant's extra time (69 s of 61 s more than plain in a 400-step profile, docs/research/iet-agc.md)
+LEAN_READING = {"defense.iet_agc.agc_bank_share": 0.1, "defense.iet_agc.bank_bins": 100}
 VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment_lean"] = VARIANTS[
-    "iet_agc_plus_mid_latch_caption_retire_no_augment"] | {"defense.iet_agc.agc_bank_share": 0.1,
-                                                           "defense.iet_agc.bank_bins": 100}
+    "iet_agc_plus_mid_latch_caption_retire_no_augment"] | LEAN_READING
 # ... the lean reading without leaving the shard: a latched emoji's draws leave each batch (the default
 # `agc_latch_leaves: batch`), so once the copies have latched a batch holds only the unique images' draws, as
 # many as beside the copies: half the compute on this split (half its images are copies)
 VARIANTS["iet_agc_plus_mid_latch_caption_only_no_augment_lean"] = VARIANTS[
-    "iet_agc_plus_mid_latch_caption_only_no_augment"] | {"defense.iet_agc.agc_bank_share": 0.1,
-                                                         "defense.iet_agc.bank_bins": 100}
+    "iet_agc_plus_mid_latch_caption_only_no_augment"] | LEAN_READING
 # The lean variant's rounds on its one shard, AGC reading the loss (no extra pass) and skipping nothing: what the
 # driver alone costs beside plain (wall pairs)
 VARIANTS["iet_one_shard"] = {"defense.name": "iet_agc", "defense.iet_agc.local_steps": IET["defense.iet_agc.local_steps"],

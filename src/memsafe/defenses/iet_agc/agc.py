@@ -237,19 +237,20 @@ class AntiGradientControl(TrainHook):
         return read
 
     def on_batch_start(self, batch, trainer):
+        index = batch["index"].cpu()
         read = self.readable(batch)
         if self.read_share < 1.0:  # a share of the readable draws, at random
             read &= torch.rand(len(read), generator=self.generator) < self.read_share
-        batch = batch | {"agc_read": read}
         if self.bank_share < 1.0 and self.nothing_left_to_latch():
             read = torch.zeros_like(read)
-            batch |= {"agc_read": read, "agc_bank": read}
+            batch = batch | {"agc_read": read, "agc_bank": read}
         elif self.bank_share < 1.0:
             banked = read & (torch.rand(len(read), generator=self.generator) < self.bank_share)
-            batch |= {"agc_read": banked | (read & self.can_latch(batch["index"].cpu())), "agc_bank": banked}
+            batch = batch | {"agc_read": banked | (read & self.can_latch(index)), "agc_bank": banked}
+        else:
+            batch = batch | {"agc_read": read}
         if not self.skip:
             return batch
-        index = batch["index"].cpu()
         decided = (~read & self.skips(self.ledger.smoothed[index], index)) | self.latched(index)
         decided[0] = decided[0] & ~decided.all()  # one draw stays: every process runs a backward pass
         if not decided.any():
