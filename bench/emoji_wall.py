@@ -4,7 +4,9 @@ a pair takes half of `bench/emoji.py`'s time). Run a seed twice with the cores s
 is the core; `plain` as the variant runs plain beside itself (the method's noise floor), and with `--plain-seed`
 beside plain of another seed (how far two trajectories' paces differ). `--flush-denormal` runs
 both with denormal floats flushed to zero (`torch.set_flush_denormal`), where denormals are suspected of slowing
-one side (on the emoji model they were not: docs/research/iet-agc.md, 2026-12-07 thirteenth).
+one side (on the emoji model they were not: docs/research/iet-agc.md, 2026-12-07 thirteenth); `--preload LIB` runs
+both with another C allocator (e.g. jemalloc's .so, through LD_PRELOAD), where the C heap's fragmentation is
+suspected (2026-12-07 fourteenth).
 Every pair is added to `--out` (one list per variant), with the machine it ran on: a timing is a sample of that
 machine's noise, and only the two runs of one pair are compared with each other.
 
@@ -46,9 +48,11 @@ def train_pinned(name: str, seed: int, steps: int, data: Path, runs: Path, core:
 
 
 def side_by_side(variant: str, seed: int, steps: int, data: Path, runs: Path, cores: tuple[int, int],
-                 flush: bool, plain_seed: int) -> dict:
+                 flush: bool, plain_seed: int, preload: Path | None) -> dict:
     """Both runs as child processes started together, one thread each; their wall times and the ratio."""
     environment = os.environ | {"OMP_NUM_THREADS": str(CHILD_THREADS), "MKL_NUM_THREADS": str(CHILD_THREADS)}
+    if preload is not None:
+        environment["LD_PRELOAD"] = str(preload)
     sides = ((variant, cores[0], "variant", seed), ("plain", cores[1], "plain", plain_seed))
     children = [subprocess.Popen([sys.executable, __file__, "--worker", name, str(core), str(run_seed), str(steps),
                                   str(data), str(runs / side), str(int(flush))],
@@ -59,7 +63,7 @@ def side_by_side(variant: str, seed: int, steps: int, data: Path, runs: Path, co
         raise SystemExit(f"a run failed: exit codes {[child.returncode for child in children]}")
     defended, plain = (json.loads(output.strip().splitlines()[-1]) for output in outputs)
     return {"seed": seed, "plain_seed": plain_seed, "steps": steps, "cores": {"variant": cores[0], "plain": cores[1]},
-            "flush_denormal": flush,
+            "flush_denormal": flush, "preload": None if preload is None else preload.name,
             "wall_s": defended["wall_s"], "plain_wall_s": plain["wall_s"], "ratio": defended["wall_s"] / plain["wall_s"]}
 
 
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1200)
     parser.add_argument("--cores", default="0,1", help="the variant's core and plain's")
     parser.add_argument("--flush-denormal", action="store_true", help="both runs flush denormal floats to zero")
+    parser.add_argument("--preload", type=Path, help="a C allocator's shared library both runs load (LD_PRELOAD)")
     parser.add_argument("--workdir", type=Path, required=True, help="the split data and both runs go here")
     parser.add_argument("--out", type=Path, default=RESULTS / "emoji_wall.json")
     args = parser.parse_args()
@@ -84,9 +89,12 @@ def main() -> None:
         raise SystemExit(f"--cores {args.cores}: give two different cores of this machine's {sorted(os.sched_getaffinity(0))}")
     if args.workdir.exists():
         raise SystemExit(f"--workdir {args.workdir} exists: give a fresh folder (the split and both runs go there)")
+    if args.preload is not None and not args.preload.is_file():
+        raise SystemExit(f"--preload {args.preload}: no such file")
     split_emoji(Path(args.folder), args.workdir / "data")  # bench/emoji.py's split
     found = side_by_side(args.variant, args.seed, args.steps, args.workdir / "data", args.workdir / "runs", cores,
-                         args.flush_denormal, args.seed if args.plain_seed is None else args.plain_seed)
+                         args.flush_denormal, args.seed if args.plain_seed is None else args.plain_seed,
+                         args.preload)
     found |= run_stamp() | {"torch_threads": CHILD_THREADS, "machine": machine()}  # the children's threads
     previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
     entries = {name: value for name, value in previous.items() if name not in METADATA}
