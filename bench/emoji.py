@@ -130,10 +130,6 @@ VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment"] = VARIANTS["iet_agc
 LEAN_READING = {"defense.iet_agc.agc_bank_share": 0.1, "defense.iet_agc.bank_bins": 100}
 VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment_lean"] = VARIANTS[
     "iet_agc_plus_mid_latch_caption_retire_no_augment"] | LEAN_READING
-# ... with a latched emoji's draws kept in each batch at weight 0 until it leaves its shard: one batch shape all
-# run (the latching phase's varying batch sizes fragmented the C heap, and the later steps ran slower)
-VARIANTS["iet_agc_plus_mid_latch_caption_retire_no_augment_lean_full"] = VARIANTS[
-    "iet_agc_plus_mid_latch_caption_retire_no_augment_lean"] | {"defense.iet_agc.agc_full_batches": True}
 # ... the lean reading without leaving the shard: a latched emoji's draws leave each batch (the default
 # `agc_latch_leaves: batch`), so once the copies have latched a batch holds only the unique images' draws, as
 # many as beside the copies: half the compute on this split (half its images are copies)

@@ -18,7 +18,6 @@ from memsafe.defenses.iet_agc.driver import IETTrainer, OuterStep
 from memsafe.defenses.iet_agc.shards import redistribute, split_shards
 from memsafe.errors import MemsafeError
 from memsafe.train import Trainer
-from memsafe.train.hooks import TrainHook
 from memsafe.train.loss import per_sample_diffusion_loss
 from tests.conftest import tiny_config_dict
 
@@ -200,9 +199,6 @@ def test_iet_cli_run_trains_evaluates_and_logs_skip_rates(tmp_path):
          "agc_latch_leaves must be batch or shard, got 'epoch'"),
         ({"name": "iet_agc", "iet_agc": {"agc_latch_leaves": "shard"}},
          "agc_latch_leaves shard moves latched samples out of their shard, and agc_latch is not set"),
-        ({"name": "iet_agc", "iet_agc": {"agc_latch": 3, "agc_full_batches": True}},
-         "agc_full_batches keeps a latched sample's draws in the batch until it leaves its shard, and agc_latch_leaves "
-         "is 'batch'"),
         ({"name": "iet_agc", "iet_agc": {"agc_per_draw": False}},
          "agc_per_draw false leaves the latch as AGC's only way to skip a sample, and agc_latch is not set"),
         ({"name": "iet_agc", "iet_agc": {"agc_bank_share": 0.0}}, "agc_bank_share must be in (0, 1], got 0.0"),
@@ -633,45 +629,6 @@ def test_latched_samples_leave_their_shard_at_the_next_round_when_told(tmp_path)
     assert sizes["batch"] == [48] * 6
     assert sizes["shard"][0] == 48 and 1 <= sizes["shard"][-1] < 48
     assert sizes["shard"] == sorted(sizes["shard"], reverse=True)  # a latch is for good
-
-
-class ForwardedDraws(TrainHook):
-    """Records each forward pass's draws, how many of them were latched before it, and whether AGC read any of
-    those."""
-
-    def __init__(self):
-        self.driver, self.steps = None, []
-
-    def on_batch_start(self, batch, trainer):
-        return batch | {"latched": self.driver.agc[0].latched(batch["index"].cpu())}
-
-    def on_losses(self, losses, batch, trainer):
-        latched = batch["latched"]
-        self.steps.append((len(losses), int(latched.sum()), bool(batch["agc_read"][latched].any())))
-
-
-def test_full_batches_keep_latched_draws_in_the_batch_unread_until_they_leave_their_shard(tiny_config):
-    """agc_full_batches: every forward pass holds the whole batch of 16, latched draws included (unread, and the
-    loop's kept fraction counts them skipped); without it they leave each batch before the forward pass."""
-    forwarded, kept = {}, {}
-    for full in (False, True):
-        config = merge(tiny_config, {
-            "model.conditioning": "text", "train.max_steps": 60, "output_dir": f"{tiny_config.output_dir}-{full}",
-            "defense.name": "iet_agc", "defense.iet_agc.shards": 1, "defense.iet_agc.local_steps": 10,
-            "defense.iet_agc.agc_ratio": 1.0, "defense.iet_agc.agc_smoothing": 0.0, "defense.iet_agc.augment": False,
-            "defense.iet_agc.agc_signal": "caption_gain", "defense.iet_agc.agc_timesteps": [0, 1000],
-            "defense.iet_agc.agc_latch": 2, "defense.iet_agc.agc_per_draw": False,
-            "defense.iet_agc.agc_latch_leaves": "shard", "defense.iet_agc.agc_full_batches": full})
-        recorder = ForwardedDraws()
-        trainer = IETTrainer(config, load_dataset(config.data)[0], extra_hooks=lambda: [recorder])
-        recorder.driver = trainer
-        trainer.fit(progress=False)
-        forwarded[full] = recorder.steps
-        kept[full] = 1 - trainer.ledger.skips.sum().item() / trainer.ledger.visits.sum().item()
-        assert len(recorder.steps) == 60 and not any(read for _, _, read in recorder.steps)
-    assert min(size for size, _, _ in forwarded[False]) < 16 and all(held == 0 for _, held, _ in forwarded[False])
-    assert all(size == 16 for size, _, _ in forwarded[True]) and sum(held for _, held, _ in forwarded[True]) > 0
-    assert kept[True] < 1 and kept[False] < 1
 
 
 def test_the_loops_kept_fraction_counts_the_draws_a_hook_dropped_before_the_forward_pass(tiny_config):

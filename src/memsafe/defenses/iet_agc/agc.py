@@ -196,19 +196,15 @@ class AntiGradientControl(TrainHook):
     with that probability, for the bank: its reading could change nothing else. A draw that can latch is always
     read for its streak, but enters the bank with the same probability, so the bank stays a fair sample. Once every
     caption that can latch has latched, no draw is read at all: the bank has no reader left (unless `ledger_read`,
-    where something else, e.g. the loss-driven augmentation, reads the ledger's readings).
-
-    With `full_batches` a latched draw stays in the batch, unread, at weight 0, instead of leaving it before the
-    forward pass (for a latched sample that leaves its shard at the next round): every batch keeps its shape."""
+    where something else, e.g. the loss-driven augmentation, reads the ledger's readings)."""
 
     name = "agc"
 
     def __init__(self, bank: LossBank, ledger: SampleLedger, ratio: float, skip: bool = True, signal: str = "loss",
                  timesteps: tuple[int, int] | None = None, read_share: float = 1.0, seed: int = 0,
                  release: float | None = None, latch: int | None = None, latch_groups: torch.Tensor | None = None,
-                 per_draw: bool = True, bank_share: float = 1.0, ledger_read: bool = False, full_batches: bool = False):
+                 per_draw: bool = True, bank_share: float = 1.0, ledger_read: bool = False):
         self.bank, self.ledger, self.ratio, self.skip = bank, ledger, ratio, skip
-        self.full_batches = full_batches
         self.bank_share, self.ledger_read = bank_share, ledger_read
         self.release, self.latch, self.latch_groups, self.per_draw = release, latch, latch_groups, per_draw
         # each caption group's key (its first sample, where the group's streak is kept)
@@ -245,20 +241,17 @@ class AntiGradientControl(TrainHook):
         read = self.readable(batch)
         if self.read_share < 1.0:  # a share of the readable draws, at random
             read &= torch.rand(len(read), generator=self.generator) < self.read_share
-        held = self.latched(index) if self.skip else torch.zeros_like(read)
         if self.bank_share < 1.0 and self.nothing_left_to_latch():
             read = torch.zeros_like(read)
             batch = batch | {"agc_read": read, "agc_bank": read}
         elif self.bank_share < 1.0:
-            banked = read & (torch.rand(len(read), generator=self.generator) < self.bank_share) & ~held
+            banked = read & (torch.rand(len(read), generator=self.generator) < self.bank_share)
             batch = batch | {"agc_read": banked | (read & self.can_latch(index)), "agc_bank": banked}
         else:
-            batch = batch | {"agc_read": read & ~held}
+            batch = batch | {"agc_read": read}
         if not self.skip:
             return batch
-        decided = ~read & self.skips(self.ledger.smoothed[index], index)
-        if not self.full_batches:
-            decided |= held
+        decided = (~read & self.skips(self.ledger.smoothed[index], index)) | self.latched(index)
         decided[0] = decided[0] & ~decided.all()  # one draw stays: every process runs a backward pass
         if not decided.any():
             return batch

@@ -92,10 +92,6 @@ class IETConfig:
     # compute) or "shard" (it also leaves its shard at the next round, so the batches fill with the other samples,
     # as on deduplicated data: full compute, the unique samples drawn as often as deduplication would draw them).
     agc_latch_leaves: str = "batch"
-    # True (with agc_latch_leaves: shard): until a latched sample leaves its shard, its draws stay in each batch at
-    # weight 0 instead of leaving it (their compute, for at most a round), so every forward pass has the batch's
-    # shape: batches whose size varies step to step fragment the C heap, and the steps after run slower.
-    agc_full_batches: bool = False
     # Under agc_latch_by: caption with agc_per_draw: false a draw whose caption can no longer latch (one of its own,
     # or latched already) only feeds the bank: below 1, such draws are read with this probability, and the draws
     # that can latch enter the bank with it too (so the bank stays a fair sample of the draws it reads), but are
@@ -219,11 +215,6 @@ def validate(config: RunConfig) -> None:
         raise MemsafeError(
             f"{where}.agc_latch_leaves shard moves latched samples out of their shard, and agc_latch is not set: no "
             "sample ever latches; set agc_latch (e.g. 3) or agc_latch_leaves: batch"
-        )
-    if iet.agc_full_batches and iet.agc_latch_leaves != "shard":
-        raise MemsafeError(
-            f"{where}.agc_full_batches keeps a latched sample's draws in the batch until it leaves its shard, and "
-            f"agc_latch_leaves is {iet.agc_latch_leaves!r}: it would never leave; set agc_latch_leaves: shard"
         )
     if not 0.0 < iet.agc_bank_share <= 1.0:
         raise MemsafeError(f"{where}.agc_bank_share must be in (0, 1], got {iet.agc_bank_share}")

@@ -124,8 +124,7 @@ class IETTrainer:
                                       timesteps=iet.agc_timesteps, read_share=iet.agc_read_share,
                                       seed=config.train.seed * 1000 + shard, release=iet.agc_release,
                                       latch=iet.agc_latch, latch_groups=groups, per_draw=iet.agc_per_draw,
-                                      bank_share=iet.agc_bank_share, ledger_read=iet.augment,
-                                      full_batches=iet.agc_full_batches)
+                                      bank_share=iet.agc_bank_share, ledger_read=iet.augment)
             hooks = [agc, LossDrivenAugmentation(self.ledger, self.ratio, iet)] if iet.augment else [agc]
             self.agc.append(agc)
             self.proxies.append(
