@@ -86,3 +86,33 @@ def test_two_gloo_processes_match_one(tmp_path, sections):
     # Same seed: only the summation order differs. Another seed: a genuinely different run.
     assert _largest_difference(one, two) < 1e-3
     assert _largest_difference(one, other_seed) > 100 * _largest_difference(one, two)
+
+
+def _refused(tmp_path, name: str, processes: int, **sections) -> str:
+    """Launches `processes` gloo processes on a config the defense refuses there; returns their stderr."""
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / name, **sections)))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "memsafe.cli", "train", "--config", str(path), "--no-progress"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert not (tmp_path / name / "model").exists()
+    return done.stderr
+
+
+@pytest.mark.parametrize(
+    "iet_agc, message",
+    [
+        ({"shards": 1}, "defense.iet_agc.shards 1 is smaller than the number of processes (2)"),
+        pytest.param({"shards": 2, "agc_signal": "caption_gain", "agc_latch": 2, "agc_latch_by": "caption"},
+                     "defense.iet_agc.agc_latch_by caption runs in one process for now",
+                     marks=pytest.mark.skipif(not _has_text_encoder(), reason="no MiniLM")),
+    ],
+    ids=["fewer_shards_than_processes", "latch_by_caption"],
+)
+def test_iet_settings_one_process_needs_are_refused_under_two(tmp_path, iet_agc, message):
+    model = {"conditioning": "text"} if "agc_latch_by" in iet_agc else {}
+    stderr = _refused(tmp_path, "run", 2, model=model, defense={"name": "iet_agc", "iet_agc": iet_agc})
+    refusals = [line for line in stderr.splitlines() if message in line]
+    assert len(refusals) == 2 and all(line.startswith("memsafe: error:") for line in refusals)  # one line a process
