@@ -115,4 +115,5 @@ def test_iet_settings_one_process_needs_are_refused_under_two(tmp_path, iet_agc,
     model = {"conditioning": "text"} if "agc_latch_by" in iet_agc else {}
     stderr = _refused(tmp_path, "run", 2, model=model, defense={"name": "iet_agc", "iet_agc": iet_agc})
     refusals = [line for line in stderr.splitlines() if message in line]
-    assert len(refusals) == 2 and all(line.startswith("memsafe: error:") for line in refusals)  # one line a process
+    # one line from each process that got there (torchrun stops the other once one has exited)
+    assert 1 <= len(refusals) <= 2 and all(line.startswith("memsafe: error:") for line in refusals)
