@@ -13,6 +13,15 @@ from tests.conftest import tiny_config_dict
 from tests.sd_parts import has_clip_vocabulary, sd_config_dict, write_squares
 
 
+def _torchrun(path, config: dict, processes: int) -> subprocess.CompletedProcess:
+    """`memsafe train` on `config` (written to `path`) in `processes` gloo processes, launched with torchrun."""
+    path.write_text(yaml.safe_dump(config))
+    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "memsafe.cli", "train", "--config", str(path), "--no-progress"]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
 def _train(tmp_path, name: str, processes: int, **sections) -> dict:
     """Trains the tiny config (a tiny pipeline's when `sections` has "pipeline") with `processes` gloo
     processes; returns the final UNet (or LoRA) weights."""
@@ -20,12 +29,7 @@ def _train(tmp_path, name: str, processes: int, **sections) -> dict:
         config = _pipeline_config(tmp_path, name, sections)
     else:
         config = tiny_config_dict(tmp_path / name, **sections)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "memsafe.cli", "train", "--config", str(path), "--no-progress"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = _torchrun(tmp_path / f"{name}.yaml", config, processes)
     assert done.returncode == 0, done.stderr[-3000:]
     status = json.loads((tmp_path / name / "status.json").read_text())
     assert status["status"] == "complete" and status["processes"] == processes
@@ -90,12 +94,7 @@ def test_two_gloo_processes_match_one(tmp_path, sections):
 
 def _refused(tmp_path, name: str, processes: int, **sections) -> str:
     """Launches `processes` gloo processes on a config the defense refuses there; returns their stderr."""
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / name, **sections)))
-    env = os.environ | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "memsafe.cli", "train", "--config", str(path), "--no-progress"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    done = _torchrun(tmp_path / f"{name}.yaml", tiny_config_dict(tmp_path / name, **sections), processes)
     assert done.returncode != 0
     assert not (tmp_path / name).exists()  # no partial output
     return done.stderr
